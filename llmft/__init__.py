@@ -1,0 +1,23 @@
+"""llmft: fine-tune LLMs on a free Colab/Kaggle T4 with Unsloth + TRL, and trust the result.
+
+Importing llmft imports Unsloth first (it must patch transformers/TRL/PEFT before they load) and, on Kaggle's
+2xT4, pins training to GPU 0 unless CUDA_VISIBLE_DEVICES is already set.
+"""
+from llmft._unsloth import import_unsloth as _import_unsloth
+
+_import_unsloth()  # before anything below imports trl/transformers
+
+from llmft.data import DataError, DataReport, alpaca_to_text, count_overlong, sharegpt_to_messages  # noqa: E402
+from llmft.generation import generate_batch, generate_response  # noqa: E402
+from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
+from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
+from llmft.trainers import build_trainer  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "load_model", "save_adapters", "export_merged", "pick_dtype",
+    "build_trainer",
+    "generate_response", "generate_batch",
+    "sharegpt_to_messages", "alpaca_to_text", "count_overlong", "DataError", "DataReport",
+    "apply_chat_template", "format_alpaca", "format_mcq",
+]

@@ -1,0 +1,74 @@
+"""Import Unsloth first, once, with clear errors.
+
+Unsloth patches transformers, TRL and PEFT when it is imported; TRL 1.15 on a CPU even fails in SFT/DPO unless
+``import unsloth`` ran before it. ``import llmft`` calls :func:`import_unsloth` before anything imports trl or
+transformers, so users of llmft get the right order for free.
+
+Kaggle's "GPU T4 x2" machines expose two GPUs; Unsloth trains on one, and the second only confuses device placement.
+Before torch starts, we pin ``CUDA_VISIBLE_DEVICES=0`` on Kaggle unless the user set it. To use another GPU, set
+``CUDA_VISIBLE_DEVICES`` yourself before ``import llmft``.
+"""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import sys
+import warnings
+
+MIN_UNSLOTH_FOR_CPU = (2026, 10, 9)
+INSTALL_HINT = "Install the pinned stack with `bash scripts/install.sh` (see README.md)."
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def pin_single_gpu_on_kaggle() -> str | None:
+    """On Kaggle, expose only GPU 0 unless ``CUDA_VISIBLE_DEVICES`` is already set; returns what was set."""
+    on_kaggle = "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ
+    if not on_kaggle or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return None
+    if "torch" in sys.modules:
+        warnings.warn("llmft: torch was imported before llmft, so it cannot pin Kaggle's 2xT4 to one GPU. "
+                      "Import llmft first, or set CUDA_VISIBLE_DEVICES=0 before importing torch.", stacklevel=3)
+        return None
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    print("llmft: Kaggle detected; training on GPU 0 only (set CUDA_VISIBLE_DEVICES before import to change).")
+    return "0"
+
+
+def _has_cuda_gpu() -> bool:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError(f"llmft needs PyTorch. {INSTALL_HINT}") from exc
+    return torch.cuda.is_available()
+
+
+def import_unsloth():
+    """Import and return the ``unsloth`` module, checking that the installed version can run on this machine."""
+    if "unsloth" in sys.modules:
+        return sys.modules["unsloth"]
+    pin_single_gpu_on_kaggle()
+    try:
+        version = metadata.version("unsloth")
+    except metadata.PackageNotFoundError as exc:
+        raise ImportError(f"llmft needs Unsloth, which is not installed. {INSTALL_HINT}") from exc
+    if not _has_cuda_gpu() and _version_tuple(version) < MIN_UNSLOTH_FOR_CPU:
+        raise ImportError(
+            f"Unsloth {version} is installed, but there is no GPU and only Unsloth >= "
+            f"{'.'.join(map(str, MIN_UNSLOTH_FOR_CPU))} has a CPU mode. A plain `pip install unsloth` can fall back "
+            f"to an older release when its certifi pin is unavailable. {INSTALL_HINT}")
+    late = [name for name in ("trl", "transformers", "peft") if name in sys.modules]
+    if late:
+        warnings.warn(f"llmft: {', '.join(late)} was imported before Unsloth; Unsloth's patches may be incomplete. "
+                      "Import llmft (or unsloth) first in a fresh kernel.", stacklevel=3)
+    try:
+        import unsloth  # noqa: F401  (patches transformers/trl/peft on import)
+    except Exception as exc:  # noqa: BLE001 - rewrap with what to do
+        raise ImportError(f"Importing Unsloth {version} failed: {exc}. {INSTALL_HINT}") from exc
+    return sys.modules["unsloth"]

@@ -1,0 +1,176 @@
+"""Hub-shaped datasets → trainer-ready datasets, with row-level checks.
+
+Each adapter reads rows in the shape users load from the hub and returns a ``datasets.Dataset`` in the shape TRL
+expects (``messages`` for chat data, ``text`` for plain prompts). A malformed row raises :class:`DataError` naming the
+row index and the field, with a hint. Rows left out on purpose (nothing to learn from them) are counted and reported
+in a :class:`DataReport`, printed by default; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from llmft.templates import format_alpaca
+
+# ShareGPT speaker names → chat roles (FineTome uses human/gpt; other dumps use user/assistant/model/bing/chatgpt).
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "system": "system",
+}
+_PROGRESS_MIN_ROWS = 20_000  # show a progress bar on datasets at least this big
+
+
+class DataError(ValueError):
+    """A row that cannot be converted: the message names the row index, the field and how to fix it."""
+
+
+@dataclass
+class DataReport:
+    """What an adapter did: rows in, rows out, rows skipped per reason (with their indices), over-long rows."""
+
+    name: str
+    rows_in: int = 0
+    rows_out: int = 0
+    skipped: "OrderedDict[str, list[int]]" = field(default_factory=OrderedDict)
+    overlong: list[int] = field(default_factory=list)
+    max_seq_length: int | None = None
+
+    def skip(self, reason: str, index: int) -> None:
+        self.skipped.setdefault(reason, []).append(index)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def __str__(self) -> str:
+        lines = [f"{self.name}: {self.rows_in} rows in, {self.rows_out} out, {self.n_skipped} skipped"]
+        for reason, idx in self.skipped.items():
+            shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+            lines.append(f"  skipped {len(idx)} ({reason}): rows {shown}")
+        if self.max_seq_length is not None:
+            shown = ", ".join(map(str, self.overlong[:10])) + (", ..." if len(self.overlong) > 10 else "")
+            lines.append(f"  {len(self.overlong)} longer than max_seq_length={self.max_seq_length} tokens"
+                         + (f" (truncated in training): rows {shown}" if self.overlong else ""))
+        return "\n".join(lines)
+
+
+def _require_columns(dataset, columns, adapter: str, hint: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{adapter}: the dataset has no column(s) {missing}; it has {dataset.column_names}. {hint}")
+
+
+def _rows(dataset, desc: str):
+    return tqdm(dataset, desc=desc, total=len(dataset), disable=len(dataset) < _PROGRESS_MIN_ROWS)
+
+
+def _finish(rows_out: list[dict], report: DataReport, verbose: bool, return_report: bool):
+    from datasets import Dataset
+
+    report.rows_out = len(rows_out)
+    if not rows_out:
+        raise DataError(f"{report.name}: no usable rows left.\n{report}")
+    if verbose:
+        print(report)
+    dataset = Dataset.from_list(rows_out)
+    return (dataset, report) if return_report else dataset
+
+
+def sharegpt_to_messages(dataset, *, column: str = "conversations", verbose: bool = True,
+                         return_report: bool = False):
+    """ShareGPT/FineTome rows (``conversations`` = list of ``{from, value}``) → a dataset with one ``messages``
+    column of ``{role, content}`` turns, ready for ``build_trainer``.
+
+    Raises :class:`DataError` for a malformed row (not a list, a turn without ``from``/``value``, an unknown
+    speaker, a non-string value). Skips and reports rows with no assistant turn or an empty turn.
+    """
+    _require_columns(dataset, [column], "sharegpt_to_messages",
+                     "Pass column=<name> if the turns live elsewhere (FineTome-100k uses 'conversations').")
+    report = DataReport("sharegpt_to_messages", rows_in=len(dataset))
+    out = []
+    for i, row in enumerate(_rows(dataset, "ShareGPT → messages")):
+        turns = row[column]
+        if not isinstance(turns, list):
+            raise DataError(f"row {i}, field '{column}': expected a list of {{from, value}} turns, "
+                            f"got {type(turns).__name__}")
+        messages = []
+        for j, turn in enumerate(turns):
+            where = f"row {i}, field '{column}[{j}]'"
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}: expected a dict with 'from' and 'value', got {type(turn).__name__}")
+            speaker = turn.get("from", turn.get("role"))
+            text = turn.get("value", turn.get("content"))
+            missing = "from" if speaker is None else None if ("value" in turn or "content" in turn) else "value"
+            if missing:
+                raise DataError(f"{where}: missing '{missing}' (turn keys: {sorted(turn)}); "
+                                "ShareGPT turns look like {'from': 'human', 'value': '...'}")
+            role = SHAREGPT_ROLES.get(str(speaker).strip().lower())
+            if role is None:
+                raise DataError(f"{where}.from: unknown speaker {speaker!r}; known: {sorted(SHAREGPT_ROLES)}. "
+                                "Map it with dataset.map(...) first.")
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"{where}.value: expected a string, got {type(text).__name__}")
+            messages.append({"role": role, "content": text or ""})
+        if not messages:
+            report.skip("empty conversation", i)
+        elif any(not m["content"].strip() for m in messages):
+            report.skip("empty turn", i)
+        elif not any(m["role"] == "assistant" for m in messages):
+            report.skip("no assistant turn", i)
+        else:
+            out.append({"messages": messages})
+    return _finish(out, report, verbose, return_report)
+
+
+def alpaca_to_text(dataset, eos_token: str, *, instruction: str = "instruction", input: str = "input",
+                   output: str = "output", verbose: bool = True, return_report: bool = False):
+    """Alpaca rows (``instruction``, optional ``input``, ``output``) → a ``text`` column in the seeds' Alpaca prompt,
+    ending with ``eos_token`` (pass ``tokenizer.eos_token``) so the model learns to stop.
+
+    Raises :class:`DataError` for a missing or non-string field. Skips and reports rows with an empty output.
+    """
+    if not eos_token:
+        raise DataError("alpaca_to_text: pass eos_token=tokenizer.eos_token; without it the model never learns to stop")
+    needed = [instruction, output]
+    _require_columns(dataset, needed, "alpaca_to_text", "Name the fields with instruction=, input=, output=.")
+    has_input = input in dataset.column_names
+    report = DataReport("alpaca_to_text", rows_in=len(dataset))
+    out = []
+    for i, row in enumerate(_rows(dataset, "Alpaca → text")):
+        values = {}
+        for key in needed + ([input] if has_input else []):
+            value = row[key]
+            if value is None and key == input:
+                value = ""
+            if not isinstance(value, str):
+                raise DataError(f"row {i}, field '{key}': expected a string, got {type(value).__name__}")
+            values[key] = value
+        if not values[instruction].strip():
+            raise DataError(f"row {i}, field '{instruction}': empty instruction")
+        if not values[output].strip():
+            report.skip("empty output", i)
+            continue
+        out.append({"text": format_alpaca(values[instruction], values.get(input, ""), values[output], eos_token)})
+    return _finish(out, report, verbose, return_report)
+
+
+def sample_lengths(dataset, tokenizer) -> list[int]:
+    """Token count of each row as the trainer will see it (``messages`` rendered with the chat template, or ``text``)."""
+    if "messages" in dataset.column_names:
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
+    elif "text" in dataset.column_names:
+        texts = dataset["text"]
+    else:
+        raise DataError(f"sample_lengths: expected a 'messages' or 'text' column, got {dataset.column_names}")
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def count_overlong(dataset, tokenizer, max_seq_length: int, name: str = "dataset") -> DataReport:
+    """Count rows longer than ``max_seq_length`` tokens (they get truncated, losing their ends)."""
+    lengths = sample_lengths(dataset, tokenizer)
+    report = DataReport(name, rows_in=len(lengths), rows_out=len(lengths), max_seq_length=max_seq_length)
+    report.overlong = [i for i, n in enumerate(lengths) if n > max_seq_length]
+    return report

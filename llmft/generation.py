@@ -1,0 +1,105 @@
+"""Generation: one response (sampling with min_p/temperature, optional streaming) or many prompts batched with left
+padding and a progress bar. Both return only the newly generated text.
+
+A prompt is either a string (sent as is, e.g. an Alpaca prompt) or a chat: a list of ``{role, content}`` messages,
+rendered with the tokenizer's chat template and the assistant header appended.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence, Union
+
+from tqdm.auto import tqdm
+
+Prompt = Union[str, Sequence[dict]]
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> tuple[str, bool]:
+    """Return ``(text, add_special_tokens)``: chats go through the chat template (which already carries BOS)."""
+    if isinstance(prompt, str):
+        return prompt, True
+    if isinstance(prompt, dict):
+        prompt = [prompt]
+    messages = list(prompt)
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise TypeError("prompt: expected a string or a list of {'role': ..., 'content': ...} messages, got "
+                        f"{type(prompt).__name__}")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+
+
+@contextmanager
+def inference_mode(model):
+    """Unsloth's fast inference mode for the duration of a block; back to training mode after if it was training."""
+    from unsloth import FastLanguageModel
+
+    was_training = model.training
+    FastLanguageModel.for_inference(model)
+    try:
+        yield model
+    finally:
+        if was_training:
+            FastLanguageModel.for_training(model)
+
+
+def _sampling_kwargs(do_sample: bool, temperature: float | None, min_p: float | None, tokenizer) -> dict:
+    kwargs = {"do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    if do_sample:
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        if min_p is not None:
+            kwargs["min_p"] = min_p
+    return kwargs
+
+
+def generate_response(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, do_sample: bool = True,
+                      temperature: float = 1.5, min_p: float = 0.1, stream: bool = False, **generate_kwargs) -> str:
+    """Generate one response. Defaults follow Unsloth's advice for chat models: ``temperature=1.5`` with
+    ``min_p=0.1`` (min_p drops tokens less than 10% as likely as the best one, which keeps a high temperature
+    coherent). ``do_sample=False`` gives greedy decoding. ``stream=True`` prints tokens as they come."""
+    import torch
+    from transformers import TextStreamer
+
+    text, special = render_prompt(tokenizer, prompt)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(model.device)
+    if stream:
+        generate_kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with inference_mode(model), torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                **_sampling_kwargs(do_sample, temperature, min_p, tokenizer), **generate_kwargs)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = 8, max_new_tokens: int = 128,
+                   do_sample: bool = False, temperature: float | None = None, min_p: float | None = None,
+                   progress: bool = True, desc: str = "generating", **generate_kwargs) -> list[str]:
+    """Generate for many prompts, ``batch_size`` at a time with left padding; greedy by default. Returns the new
+    text of each prompt, in order."""
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"generate_batch(batch_size={batch_size}): must be at least 1")
+    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    results: list[str] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the last real token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        with inference_mode(model), torch.no_grad(), tqdm(total=len(rendered), desc=desc, disable=not progress) as bar:
+            for start in range(0, len(rendered), batch_size):
+                chunk = rendered[start:start + batch_size]
+                # Chats and plain strings differ in BOS handling; a batch shares one setting, so group by it.
+                special = chunk[0][1]
+                if any(s != special for _, s in chunk):
+                    raise ValueError("generate_batch: mix of chat and plain-string prompts; pass one kind per call")
+                inputs = tokenizer([t for t, _ in chunk], return_tensors="pt", padding=True,
+                                   add_special_tokens=special).to(model.device)
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                        **_sampling_kwargs(do_sample, temperature, min_p, tokenizer),
+                                        **generate_kwargs)
+                new_tokens = output[:, inputs["input_ids"].shape[1]:]
+                results += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = padding_side
+    return results

@@ -1,0 +1,148 @@
+"""Load a (4-bit) model with LoRA through Unsloth's FastLanguageModel, pick the dtype for the hardware, and save or
+reload adapters.
+
+Always Unsloth: on a GPU its fast kernels, on a CPU its CPU mode (same API, real bitsandbytes 4-bit layers), so the
+code users run on a T4 is the code our tests run here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Sequence
+
+from llmft._unsloth import import_unsloth
+
+# All attention and MLP projections of Llama/Qwen/Mistral/Gemma-style blocks (the lab's "QKV, O and MLP").
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_SEED = 3407
+HUB_HOST = "huggingface.co"
+
+
+def pick_dtype():
+    """Compute dtype for the hardware: bf16 where the GPU supports it (Ampere+), fp16 on a T4 (no bf16), and
+    ``None`` on a CPU (Unsloth's CPU mode picks float32 itself)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_model_source(model_name: str) -> None:
+    """Fail fast, with a clear message, when ``model_name`` is a hub id that cannot be fetched here.
+
+    A local directory always passes. A hub id passes when it is in the local Hugging Face cache or the hub answers
+    within a few seconds; otherwise transformers would hang for up to a minute per lookup before failing.
+    """
+    if os.path.isdir(model_name):
+        return
+    if os.path.exists(model_name):
+        raise ValueError(f"model_name={model_name!r} is a file; pass the directory that holds config.json")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_name, "config.json"), str):
+        return
+    if _offline_env() or not _hub_reachable():
+        why = "HF_HUB_OFFLINE=1 is set" if _offline_env() else f"{HUB_HOST} cannot be reached from this machine"
+        raise OSError(
+            f"model_name={model_name!r} looks like a Hugging Face hub id, it is not in the local cache, and {why}. "
+            "Pass a local model directory instead (offline tests and smoke mode use "
+            "llmft.testing.tiny_model_dir()), or run where the hub is reachable.")
+
+
+def load_model(
+    model_name: str,
+    *,
+    max_seq_length: int = 2048,
+    load_in_4bit: bool = True,
+    dtype=None,
+    lora_r: int | None = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    use_rslora: bool = False,
+    use_gradient_checkpointing: bool | str = "unsloth",
+    chat_template: str | None = None,
+    seed: int = DEFAULT_SEED,
+    token: str | None = None,
+    **from_pretrained_kwargs,
+):
+    """Load ``model_name`` (hub id, local model directory, or a directory of saved LoRA adapters) with Unsloth.
+
+    Returns ``(model, tokenizer)``. With ``lora_r`` set (default 16) the model gets LoRA adapters on
+    ``target_modules`` (all attention and MLP projections); ``lora_alpha`` defaults to ``lora_r``; ``use_rslora``
+    scales by alpha/sqrt(r). ``lora_r=None`` returns the plain (frozen, 4-bit) model. A directory with
+    ``adapter_config.json`` (from :func:`save_adapters`) is reloaded as base + those adapters, ready for inference or
+    further training. ``dtype=None`` follows :func:`pick_dtype` (bf16, fp16 on a T4, float32 on CPU).
+    ``chat_template`` applies an Unsloth template name (e.g. "llama-3.1") to the tokenizer. ``token`` is a hub token
+    for gated models: read it from the environment or Colab/Kaggle secrets, never hard-code it.
+    """
+    import_unsloth()
+    from unsloth import FastLanguageModel
+
+    if lora_r is not None and lora_r <= 0:
+        raise ValueError(f"load_model(lora_r={lora_r}): the LoRA rank must be positive, or None for no LoRA")
+    adapter_dir = os.path.isdir(model_name) and os.path.exists(os.path.join(model_name, "adapter_config.json"))
+    if not adapter_dir:
+        check_model_source(model_name)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_name,
+        max_seq_length=max_seq_length,
+        dtype=dtype if dtype is not None else pick_dtype(),
+        load_in_4bit=load_in_4bit,
+        token=token or os.environ.get("HF_TOKEN"),
+        random_state=seed,
+        **from_pretrained_kwargs,
+    )
+    if lora_r is not None and not adapter_dir:
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora_r,
+            lora_alpha=lora_alpha if lora_alpha is not None else lora_r,
+            lora_dropout=lora_dropout,
+            target_modules=list(target_modules),
+            bias="none",
+            use_gradient_checkpointing=use_gradient_checkpointing,
+            use_rslora=use_rslora,
+            random_state=seed,
+        )
+    if chat_template is not None:
+        from llmft.templates import apply_chat_template
+
+        tokenizer = apply_chat_template(tokenizer, chat_template)
+    return model, tokenizer
+
+
+def save_adapters(model, tokenizer, path: str | os.PathLike) -> Path:
+    """Save only the LoRA adapters (a few MB) and the tokenizer to ``path``; reload with ``load_model(path)``."""
+    if not hasattr(model, "peft_config"):
+        raise ValueError("save_adapters: the model has no LoRA adapters (load it with lora_r set, the default)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def export_merged(model, tokenizer, path: str | os.PathLike, save_method: str = "merged_16bit") -> Path:
+    """Merge the adapters into the base weights and save a standalone model with Unsloth's
+    ``save_pretrained_merged`` (``save_method``: "merged_16bit" or "merged_4bit"; 16-bit is what vLLM and the hub
+    expect). Needs room for the full 16-bit model on disk (about 6.5 GB for a 3B model)."""
+    if not hasattr(model, "save_pretrained_merged"):
+        raise ValueError("export_merged: this model was not loaded through llmft.load_model / Unsloth")
+    path = Path(path)
+    model.save_pretrained_merged(str(path), tokenizer, save_method=save_method)
+    return path

@@ -1,0 +1,185 @@
+"""``build_trainer``: a real TRL ``SFTTrainer`` with T4-safe defaults, every default overridable.
+
+TRL owns the training loop and Unsloth owns the patches; this module picks the defaults (precision from the hardware,
+8-bit AdamW on a GPU, gradient clipping, a bounded eval subset, loss on assistant responses only for chat data),
+checks the dataset, and reports what it changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+
+from llmft._unsloth import import_unsloth
+from llmft.data import DataError, count_overlong
+from llmft.models import DEFAULT_SEED
+
+SUPPORTED_COLUMNS = ("messages", "text")
+
+
+def precision_flags() -> dict:
+    """``{"fp16": ..., "bf16": ...}`` for this machine: bf16 on Ampere+, fp16 on a T4, neither on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"fp16": False, "bf16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"fp16": not bf16, "bf16": bf16}
+
+
+def default_optim() -> str:
+    """8-bit AdamW (bitsandbytes) on a GPU saves ~75% of optimizer memory; plain AdamW on a CPU."""
+    import torch
+
+    return "adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def _check_dataset(dataset, argument: str) -> str:
+    columns = dataset.column_names
+    if "conversations" in columns and "messages" not in columns:
+        raise DataError(f"{argument}: has ShareGPT 'conversations' (from/value turns); convert it first with "
+                        "llmft.data.sharegpt_to_messages(dataset)")
+    for column in SUPPORTED_COLUMNS:
+        if column in columns:
+            return column
+    raise DataError(f"{argument}: expected a 'messages' (chat) or 'text' column, got {columns}. "
+                    "Use llmft.data.sharegpt_to_messages or alpaca_to_text to prepare it.")
+
+
+def _planned_steps(n_rows: int, batch: int, accumulation: int, epochs: float, max_steps: int) -> int:
+    if max_steps and max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(math.ceil(n_rows / batch) / accumulation * epochs))
+
+
+def _sft_config(overrides: dict, **defaults):
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        raise TypeError("build_trainer: unknown option(s) " + ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            + ". Options are build_trainer's own arguments or trl.SFTConfig fields.")
+    return SFTConfig(**{**defaults, **overrides})
+
+
+def build_trainer(
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset=None,
+    *,
+    output_dir: str = "outputs",
+    max_steps: int = -1,
+    num_train_epochs: float = 1.0,
+    per_device_train_batch_size: int = 2,
+    gradient_accumulation_steps: int = 4,
+    learning_rate: float = 2e-4,
+    warmup_steps: float = 5,
+    lr_scheduler_type: str = "linear",
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+    max_seq_length: int | None = None,
+    logging_steps: int = 1,
+    eval_steps: int | None = None,
+    eval_max_samples: int | None = 200,
+    save_total_limit: int = 2,
+    responses_only: bool | None = None,
+    instruction_part: str | None = None,
+    response_part: str | None = None,
+    optim: str | None = None,
+    seed: int = DEFAULT_SEED,
+    report_to: str = "none",
+    verbose: bool = True,
+    **sft_config,
+):
+    """Return a TRL ``SFTTrainer`` for ``model`` (from :func:`llmft.load_model`) on ``train_dataset``.
+
+    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`) or a ``text`` column.
+
+    Defaults, chosen for a 16 GB T4 and documented so they can be changed:
+
+    - precision from the hardware (fp16 on a T4, bf16 on Ampere+), ``optim="adamw_8bit"`` on a GPU;
+    - effective batch 2 x 4 (``per_device_train_batch_size`` x ``gradient_accumulation_steps``), lr 2e-4 with 5
+      warmup steps and linear decay, weight decay 0.01, ``max_grad_norm=1.0`` (gradient clipping as in the seeds);
+    - ``max_seq_length`` = the model's (from ``load_model``); over-long rows are counted and reported, then truncated;
+    - ``responses_only``: for chat data the loss covers assistant turns only (Unsloth's ``train_on_responses_only``,
+      markers auto-detected from the chat template or given as ``instruction_part``/``response_part``); for ``text``
+      data it is on when both markers are given (e.g. "### Instruction:\\n" / "### Response:\\n" for Alpaca);
+    - with an ``eval_dataset``: evaluate every ``eval_steps`` (default: a tenth of the run) on at most
+      ``eval_max_samples`` rows (a fixed random subset), so evaluation never dominates a T4 session;
+    - checkpoints every ``eval_steps`` into ``output_dir``, keeping ``save_total_limit``.
+
+    Any other ``trl.SFTConfig`` field can be passed as a keyword (e.g. ``packing=True``).
+    """
+    import_unsloth()
+    from trl import SFTTrainer
+
+    kind = _check_dataset(train_dataset, "train_dataset")
+    if eval_dataset is not None and _check_dataset(eval_dataset, "eval_dataset") != kind:
+        raise DataError(f"eval_dataset: must have the same '{kind}' column as train_dataset, "
+                        f"got {eval_dataset.column_names}")
+    if (instruction_part is None) != (response_part is None):
+        raise ValueError("build_trainer: give both instruction_part and response_part, or neither")
+    if responses_only is None:
+        responses_only = kind == "messages" or response_part is not None
+    if responses_only and kind == "text" and response_part is None:
+        raise ValueError("build_trainer(responses_only=True) on 'text' data needs instruction_part and response_part "
+                         "(for the Alpaca prompt: '### Instruction:\\n' and '### Response:\\n')")
+    if max_seq_length is None:
+        max_seq_length = getattr(model, "max_seq_length", None) or 2048
+
+    reports = {"train": count_overlong(train_dataset, tokenizer, max_seq_length, "train_dataset")}
+    if eval_dataset is not None and eval_max_samples is not None and len(eval_dataset) > eval_max_samples:
+        if verbose:
+            print(f"build_trainer: evaluating on a fixed random {eval_max_samples} of {len(eval_dataset)} eval rows "
+                  "(eval_max_samples)")
+        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(eval_max_samples))
+    if eval_dataset is not None:
+        reports["eval"] = count_overlong(eval_dataset, tokenizer, max_seq_length, "eval_dataset")
+    if verbose:
+        for report in reports.values():
+            print(report)
+
+    steps = _planned_steps(len(train_dataset), per_device_train_batch_size, gradient_accumulation_steps,
+                           num_train_epochs, max_steps)
+    if eval_steps is None:
+        eval_steps = max(1, steps // 10)
+    args = _sft_config(
+        sft_config,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        num_train_epochs=num_train_epochs,
+        per_device_train_batch_size=per_device_train_batch_size,
+        per_device_eval_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type=lr_scheduler_type,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        max_length=max_seq_length,
+        logging_steps=logging_steps,
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=save_total_limit,
+        optim=optim or default_optim(),
+        seed=seed,
+        data_seed=seed,
+        report_to=report_to,
+        dataset_text_field="text",
+        **precision_flags(),
+    )
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, args=args)
+    if responses_only:
+        from unsloth.chat_templates import train_on_responses_only
+
+        parts = {} if response_part is None else {"instruction_part": instruction_part, "response_part": response_part}
+        trainer = train_on_responses_only(trainer, **parts)
+    trainer.llmft_reports = reports
+    return trainer
