@@ -162,7 +162,7 @@ def sample_lengths(dataset, tokenizer) -> list[int]:
     if "messages" in dataset.column_names:
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
     elif "text" in dataset.column_names:
-        texts = dataset["text"]
+        texts = list(dataset["text"])
     else:
         raise DataError(f"sample_lengths: expected a 'messages' or 'text' column, got {dataset.column_names}")
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -140,7 +140,8 @@ def save_adapters(model, tokenizer, path: str | os.PathLike) -> Path:
 def export_merged(model, tokenizer, path: str | os.PathLike, save_method: str = "merged_16bit") -> Path:
     """Merge the adapters into the base weights and save a standalone model with Unsloth's
     ``save_pretrained_merged`` (``save_method``: "merged_16bit" or "merged_4bit"; 16-bit is what vLLM and the hub
-    expect). Needs room for the full 16-bit model on disk (about 6.5 GB for a 3B model)."""
+    expect). Needs room for the full 16-bit model on disk (about 6.5 GB for a 3B model). On a CPU, Unsloth can only
+    merge a model loaded with ``load_in_4bit=False``; on a GPU a 4-bit base is dequantized for the merge."""
     if not hasattr(model, "save_pretrained_merged"):
         raise ValueError("export_merged: this model was not loaded through llmft.load_model / Unsloth")
     path = Path(path)
