@@ -41,7 +41,7 @@ CHATML_TEMPLATE = (
 )
 
 TINY_ARCHITECTURES = ("llama", "qwen2")
-_ASSET_VERSION = 1  # bump when a builder changes, so stale caches are not reused
+_ASSET_VERSION = 2  # bump when a builder changes, so stale caches are not reused
 
 
 def smoke_mode() -> bool:
@@ -295,6 +295,9 @@ def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int =
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
+            # Wider than the usual 0.02: with frozen norms and LM head (LoRA), a 64-wide model initialised at 0.02
+            # can only produce near-uniform logits, and its loss could barely move.
+            initializer_range=0.1,
         )
         config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
         with torch.random.fork_rng():
