@@ -119,11 +119,40 @@ def load_model(
             use_rslora=use_rslora,
             random_state=seed,
         )
+    if adapter_dir:
+        _restore_saved_adapter_dtype(model, model_name)
     if chat_template is not None:
         from llmft.templates import apply_chat_template
 
         tokenizer = apply_chat_template(tokenizer, chat_template)
     return model, tokenizer
+
+
+def _restore_saved_adapter_dtype(model, adapter_dir: str) -> None:
+    """Keep reloaded adapters in the dtype they were saved in.
+
+    TRL casts QLoRA adapter weights to bf16 when it builds a trainer (QLoRA paper recipe), so trained adapters are
+    saved in bf16; PEFT upcasts them to float32 on load. Same values, different compute precision: greedy generations
+    of the reloaded model could differ from the model that was saved. Casting back makes the reload exact.
+    """
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.exists():
+        return
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = list(handle.keys())
+        if not keys:
+            return
+        dtype = handle.get_slice(keys[0]).get_dtype()
+    import torch
+
+    saved = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype)
+    if saved is None:
+        return
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != saved:
+            param.data = param.data.to(saved)
 
 
 def save_adapters(model, tokenizer, path: str | os.PathLike) -> Path:

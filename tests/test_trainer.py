@@ -1,5 +1,6 @@
 """build_trainer gives a real TRL SFTTrainer that trains through Unsloth's CPU path."""
 import pytest
+import torch
 import trl
 from datasets import Dataset
 
@@ -82,6 +83,18 @@ def test_short_sft_run_lowers_eval_loss_and_checkpoints(lora_model, chat_dataset
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert len(evals) >= 4  # before + steps 10, 20, 30 (+ the final call)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+
+    # Trained adapters (TRL keeps QLoRA adapters in bf16) reload exactly: same greedy answers as in memory.
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 3 plus 4?", "Explain LoRA in one sentence.")]
+    answers = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=16, progress=False)
+    path = llmft.save_adapters(model, tokenizer, tmp_path / "adapters")
+    reloaded, tok2 = llmft.load_model(str(path), max_seq_length=128)
+    assert llmft.generate_batch(reloaded, tok2, prompts, max_new_tokens=16, progress=False) == answers
+    inputs = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
 
 
 def test_overlong_rows_are_counted(lora_model, chat_dataset, capsys, tmp_path):
