@@ -63,6 +63,26 @@ def check_model_source(model_name: str) -> None:
             "llmft.testing.tiny_model_dir()), or run where the hub is reachable.")
 
 
+def hub_token() -> str | None:
+    """A Hugging Face token from ``HF_TOKEN``, Colab's secrets (``userdata``) or Kaggle's secrets, in that order;
+    ``None`` when there is none (public models need none). Never printed or saved by llmft."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:  # Colab: the key icon in the left bar, secret named HF_TOKEN
+        from google.colab import userdata  # type: ignore
+
+        return userdata.get("HF_TOKEN")
+    except Exception:  # noqa: BLE001 - not on Colab, or no such secret
+        pass
+    try:  # Kaggle: Add-ons > Secrets, secret named HF_TOKEN
+        from kaggle_secrets import UserSecretsClient  # type: ignore
+
+        return UserSecretsClient().get_secret("HF_TOKEN")
+    except Exception:  # noqa: BLE001 - not on Kaggle, or no such secret
+        return None
+
+
 def load_model(
     model_name: str,
     *,
@@ -87,8 +107,8 @@ def load_model(
     scales by alpha/sqrt(r). ``lora_r=None`` returns the plain (frozen, 4-bit) model. A directory with
     ``adapter_config.json`` (from :func:`save_adapters`) is reloaded as base + those adapters, ready for inference or
     further training. ``dtype=None`` follows :func:`pick_dtype` (bf16, fp16 on a T4, float32 on CPU).
-    ``chat_template`` applies an Unsloth template name (e.g. "llama-3.1") to the tokenizer. ``token`` is a hub token
-    for gated models: read it from the environment or Colab/Kaggle secrets, never hard-code it.
+    ``chat_template`` applies an Unsloth template name (e.g. "llama-3.1") to the tokenizer. ``token``: a hub token for
+    gated models; by default :func:`hub_token` reads it from ``HF_TOKEN`` or Colab/Kaggle secrets (never hard-code it).
     """
     import_unsloth()
     from unsloth import FastLanguageModel
@@ -103,7 +123,7 @@ def load_model(
         max_seq_length=max_seq_length,
         dtype=dtype if dtype is not None else pick_dtype(),
         load_in_4bit=load_in_4bit,
-        token=token or os.environ.get("HF_TOKEN"),
+        token=token or (None if adapter_dir or os.path.isdir(model_name) else hub_token()),
         random_state=seed,
         **from_pretrained_kwargs,
     )

@@ -143,3 +143,11 @@ def test_merged_export_reloads_as_a_plain_model_with_the_same_outputs(tiny_dir, 
     merged, tok2 = llmft.load_model(str(path), lora_r=None, load_in_4bit=False)
     assert not hasattr(merged, "peft_config")
     assert llmft.generate_batch(merged, tok2, CHAT_PROMPTS, max_new_tokens=8, progress=False) == before
+
+
+def test_hub_token_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "secret-value")
+    assert models.hub_token() == "secret-value"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert models.hub_token() is None  # neither Colab nor Kaggle here
