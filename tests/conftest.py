@@ -13,13 +13,21 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("LLMFT_CACHE", str(_SCRATCH / "cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.chdir(_SCRATCH)  # Unsloth writes _unsloth_sentencepiece_temp/ and compiled caches into the cwd
 sys.path.insert(0, str(REPO))
 
 import pytest  # noqa: E402
 
 import llmft  # noqa: E402,F401  (imports Unsloth before anything else imports trl/transformers)
 from llmft import testing  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _work_in_scratch_dir():
+    """Unsloth writes _unsloth_sentencepiece_temp/ and compiled caches into the cwd: keep them out of the repo."""
+    previous = os.getcwd()
+    os.chdir(_SCRATCH)
+    yield
+    os.chdir(previous)
 
 
 @pytest.fixture(scope="session")
