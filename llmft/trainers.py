@@ -9,10 +9,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import types
+from pathlib import Path
 
 from llmft._unsloth import import_unsloth
+from llmft import callbacks as cb
 from llmft.data import DataError, count_overlong
 from llmft.models import DEFAULT_SEED
+from llmft.schedulers import resolve_schedule
 
 SUPPORTED_COLUMNS = ("messages", "text")
 
@@ -92,6 +97,17 @@ def build_trainer(
     optim: str | None = None,
     seed: int = DEFAULT_SEED,
     report_to: str = "none",
+    scheduler=None,
+    scheduler_options: dict | None = None,
+    metric: str = "eval_loss",
+    greater_is_better: bool | None = None,
+    early_stopping_patience: int | None = 3,
+    early_stopping_min_delta: float = 0.0,
+    keep_best: int = 2,
+    metrics_csv: bool = True,
+    tensorboard: bool = False,
+    weight_decay_ramp: tuple[float, float] | None = None,
+    callbacks: list | None = None,
     verbose: bool = True,
     **sft_config,
 ):
@@ -110,7 +126,18 @@ def build_trainer(
       data it is on when both markers are given (e.g. "### Instruction:\\n" / "### Response:\\n" for Alpaca);
     - with an ``eval_dataset``: evaluate every ``eval_steps`` (default: a tenth of the run) on at most
       ``eval_max_samples`` rows (a fixed random subset), so evaluation never dominates a T4 session;
-    - checkpoints every ``eval_steps`` into ``output_dir``, keeping ``save_total_limit``.
+    - checkpoints every ``eval_steps`` into ``output_dir``, keeping ``save_total_limit``; resume with
+      :func:`train` (``resume="auto"``) after a disconnect.
+
+    Training control (see :mod:`llmft.callbacks`), wired by :func:`attach_training_control`:
+    ``output_dir/metrics.csv`` (one row per log/eval event; ``tensorboard=True`` too), the ``keep_best`` best adapters
+    by ``metric`` in ``output_dir/best`` (``best.json`` says which), early stopping after ``early_stopping_patience``
+    evaluations without improvement (``None`` turns it off), a NaN/inf-loss guard, and optionally a weight-decay ramp
+    ``weight_decay_ramp=(start, end)``. ``greater_is_better=None`` infers the direction from the metric's name.
+
+    ``scheduler``: a Chebyshev schedule by name ("chebyshev", "chebyshev_full", "chebyshev_steps",
+    "chebyshev_fractal"; options in ``scheduler_options``) or a callable ``(optimizer, num_training_steps)`` returning
+    a ``LambdaLR``; ``None`` keeps ``lr_scheduler_type``. Warmup (``warmup_steps``) applies to every schedule.
 
     Any other ``trl.SFTConfig`` field can be passed as a keyword (e.g. ``packing=True``).
     """
@@ -172,10 +199,16 @@ def build_trainer(
         data_seed=seed,
         report_to=report_to,
         dataset_text_field="text",
+        restore_callback_states_from_checkpoint=True,
         **precision_flags(),
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, args=args)
+                         eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
+    attach_training_control(
+        trainer, metric=metric, greater_is_better=greater_is_better, early_stopping_patience=early_stopping_patience,
+        early_stopping_min_delta=early_stopping_min_delta, keep_best=keep_best, metrics_csv=metrics_csv,
+        tensorboard=tensorboard, weight_decay_ramp=weight_decay_ramp, scheduler=scheduler,
+        scheduler_options=scheduler_options)
     if responses_only:
         from unsloth.chat_templates import train_on_responses_only
 
@@ -183,3 +216,80 @@ def build_trainer(
         trainer = train_on_responses_only(trainer, **parts)
     trainer.llmft_reports = reports
     return trainer
+
+
+def attach_training_control(trainer, *, metric: str = "eval_loss", greater_is_better: bool | None = None,
+                            early_stopping_patience: int | None = 3, early_stopping_min_delta: float = 0.0,
+                            keep_best: int = 2, metrics_csv: bool = True, tensorboard: bool = False,
+                            weight_decay_ramp: tuple[float, float] | None = None, scheduler=None,
+                            scheduler_options: dict | None = None):
+    """Add llmft's training control to any transformers/TRL trainer (SFT, DPO, ...): metrics CSV, best checkpoint
+    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp and
+    an optional custom LR schedule. Returns the trainer."""
+    out = Path(trainer.args.output_dir)
+    evaluates = trainer.eval_dataset is not None and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO")
+    if weight_decay_ramp is not None:  # before the logger, so the logged row carries the weight decay in use
+        trainer.add_callback(cb.WeightDecayRamp(*weight_decay_ramp))
+    if metrics_csv:
+        trainer.add_callback(cb.MetricsLogger(out / "metrics.csv", tensorboard=tensorboard))
+    if evaluates and keep_best:
+        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), metric, greater_is_better, keep=keep_best))
+    if evaluates and early_stopping_patience:
+        trainer.add_callback(cb.EarlyStopping(early_stopping_patience, metric, greater_is_better,
+                                              early_stopping_min_delta))
+    trainer.add_callback(cb.NonFiniteLossGuard())
+    trainer.args.restore_callback_states_from_checkpoint = True
+    if scheduler is not None:
+        use_schedule(trainer, scheduler, **(scheduler_options or {}))
+    return trainer
+
+
+def use_schedule(trainer, scheduler, **options):
+    """Make ``trainer`` build its LR scheduler from ``scheduler`` (a name from :data:`llmft.schedulers.SCHEDULES` or
+    a factory), with the trainer's warmup. Overrides ``Trainer.create_scheduler`` on this instance only (the hook
+    transformers documents for custom schedules)."""
+    factory = resolve_schedule(scheduler, **options)
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            kwargs = {"warmup_steps": warmup} if warmup else {}
+            self.lr_scheduler = factory(optimizer or self.optimizer, num_training_steps, **kwargs)
+        return self.lr_scheduler
+
+    trainer.create_scheduler = types.MethodType(create_scheduler, trainer)
+    trainer.llmft_scheduler = scheduler if isinstance(scheduler, str) else getattr(scheduler, "__name__", "custom")
+    return trainer
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (one whose trainer_state.json was written), or None."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = []
+    for path in root.glob("checkpoint-*"):
+        suffix = path.name.split("-")[-1]
+        if suffix.isdigit() and (path / "trainer_state.json").exists():
+            candidates.append((int(suffix), path))
+    return str(max(candidates)[1]) if candidates else None
+
+
+def train(trainer, resume: bool | str | None = "auto"):
+    """Train, resuming after a disconnect: ``resume="auto"`` continues from the newest complete checkpoint in the
+    trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
+    over) and starts fresh otherwise; ``True`` requires a checkpoint; a path resumes from that checkpoint;
+    ``False``/``None`` always starts fresh."""
+    checkpoint = None
+    if resume in ("auto", True):
+        checkpoint = latest_checkpoint(trainer.args.output_dir)
+        if checkpoint is None and resume is True:
+            raise FileNotFoundError(f"train(resume=True): no complete checkpoint-* in {trainer.args.output_dir}; "
+                                    "use resume='auto' to start fresh when there is none")
+    elif isinstance(resume, (str, os.PathLike)):
+        checkpoint = str(resume)
+        if not (Path(checkpoint) / "trainer_state.json").exists():
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint (no trainer_state.json)")
+    if checkpoint:
+        print(f"llmft.train: resuming from {checkpoint}")
+    return trainer.train(resume_from_checkpoint=checkpoint)
