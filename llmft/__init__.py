@@ -11,12 +11,12 @@ from llmft.data import DataError, DataReport, alpaca_to_text, count_overlong, sh
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
 from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
-from llmft.trainers import build_trainer  # noqa: E402
+from llmft.trainers import build_trainer, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
-    "build_trainer",
+    "build_trainer", "train",
     "generate_response", "generate_batch",
     "sharegpt_to_messages", "alpaca_to_text", "count_overlong", "DataError", "DataReport",
     "apply_chat_template", "format_alpaca", "format_mcq",

@@ -199,7 +199,6 @@ def build_trainer(
         data_seed=seed,
         report_to=report_to,
         dataset_text_field="text",
-        restore_callback_states_from_checkpoint=True,
         **precision_flags(),
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,

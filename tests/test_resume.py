@@ -1,0 +1,66 @@
+"""A run killed with SIGKILL after a checkpoint resumes to the same end as an uninterrupted run."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from llmft import callbacks
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tests"))
+import resume_worker  # noqa: E402
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.csv"), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path):
+    reference = resume_worker.run(tmp_path / "reference", resume=False)
+    assert reference.state.global_step == 30  # stopped early by the patience rule
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "resume_worker.py"), str(out), "23"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert {p.name for p in out.glob("checkpoint-*")} >= {"checkpoint-20"}
+    # rows 21-22 were logged after checkpoint-20; the process died in step 23, before logging it
+    assert max(int(r["step"]) for r in _rows(out)) == 22
+
+    resumed = resume_worker.run(out)  # resume="auto": picks checkpoint-20
+    assert resumed.state.global_step == reference.state.global_step == 30
+    stopper = callbacks.find_callback(resumed, callbacks.EarlyStopping)
+    assert stopper.stopped_at_step == 30  # the counter (3 bad evaluations at step 20) carried over
+
+    rows = _rows(out)
+    counts = Counter((int(r["step"]), r["event"]) for r in rows)
+    assert all(n == 1 for n in counts.values()), [k for k, n in counts.items() if n > 1]
+    assert sorted(s for s, e in counts if e == "train") == list(range(1, 31))
+    assert sorted(s for s, e in counts if e == "eval") == [5, 10, 15, 20, 25, 30]
+
+    ref_rows = {(int(r["step"]), r["event"]): r for r in _rows(tmp_path / "reference")}
+    for row in rows:
+        key = (int(row["step"]), row["event"])
+        if row["event"] == "train":  # scheduler, optimizer, RNG and data order restored: the same run
+            assert float(row["learning_rate"]) == pytest.approx(float(ref_rows[key]["learning_rate"]), rel=1e-9)
+            assert float(row["loss"]) == pytest.approx(float(ref_rows[key]["loss"]), rel=1e-3)
+        elif row["event"] == "eval":
+            assert float(row["eval_loss"]) == pytest.approx(float(ref_rows[key]["eval_loss"]), rel=1e-3)
+    best = callbacks.find_callback(resumed, callbacks.BestCheckpoint)
+    assert all(int(k["step"]) <= 30 for k in best.kept) and os.path.isdir(best.best_path)
+
+
+def test_resume_options(tmp_path):
+    import llmft
+
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        llmft.train(resume_worker.build(tmp_path / "empty"), resume=True)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        llmft.train(resume_worker.build(tmp_path / "empty"), resume=str(tmp_path))
