@@ -7,16 +7,24 @@ from llmft._unsloth import import_unsloth as _import_unsloth
 
 _import_unsloth()  # before anything below imports trl/transformers
 
+from llmft.callbacks import (  # noqa: E402
+    BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, WeightDecayRamp,
+)
 from llmft.data import DataError, DataReport, alpaca_to_text, count_overlong, sharegpt_to_messages  # noqa: E402
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
+from llmft.plots import load_metrics, plot_schedule, plot_training  # noqa: E402
+from llmft.schedulers import chebyshev_schedule, chebyshev_step_schedule  # noqa: E402
 from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
-from llmft.trainers import build_trainer, train  # noqa: E402
+from llmft.trainers import attach_training_control, build_trainer, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
-    "build_trainer", "train",
+    "build_trainer", "train", "attach_training_control",
+    "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
+    "chebyshev_schedule", "chebyshev_step_schedule",
+    "plot_training", "plot_schedule", "load_metrics",
     "generate_response", "generate_batch",
     "sharegpt_to_messages", "alpaca_to_text", "count_overlong", "DataError", "DataReport",
     "apply_chat_template", "format_alpaca", "format_mcq",

@@ -54,7 +54,7 @@ def run_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     before = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24)
 
     print(f"[3/6] SFT for {max_steps} steps with build_trainer (loss on assistant turns only)")
-    trainer = llmft.build_trainer(model, tokenizer, train, held_out, output_dir=str(out / "checkpoints"),
+    trainer = llmft.build_trainer(model, tokenizer, train, held_out, output_dir=str(out / "run"),
                                   max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                                   learning_rate=1e-2, warmup_steps=5, eval_steps=max(1, max_steps // 8), seed=seed,
                                   save_total_limit=1, disable_tqdm=False)
@@ -69,7 +69,7 @@ def run_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     after_reload = llmft.generate_batch(reloaded, reloaded_tok, prompts, max_new_tokens=24)
 
     print("[5/6] plots and results")
-    plots.plot_training(trainer.state.log_history, out / "training_curves.png", title="Demo SFT")
+    plots.plot_training(out / "run" / "metrics.csv", out / "training_curves.png", title="Demo SFT")
     results = {
         "model": f"tiny {arch} (llmft.testing), 4-bit, LoRA r=16",
         "train_rows": len(train), "eval_rows": len(held_out), "steps": train_result.global_step,
@@ -91,6 +91,7 @@ def run_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     for g in results["generations"][:2]:
         print(f"  {g['prompt']!r}: {g['after']!r}")
     print(f"  results: {out / 'results.json'}\n  plot:    {out / 'training_curves.png'}\n"
+          f"  metrics: {out / 'run' / 'metrics.csv'} (best adapters by eval loss in {out / 'run' / 'best'})\n"
           f"  table:   {out / 'generations.md'}\n  adapters: {adapter_dir}")
     return results
 

@@ -118,8 +118,11 @@ class MetricsLogger(TrainerCallback):
         columns, rows = self._read()
         kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= state.global_step]
         if columns and len(kept) != len(rows):
-            print(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows logged "
-                  "after that checkpoint (they will be logged again)")
+            if state.global_step == 0:
+                print(f"MetricsLogger: fresh run; replacing {len(rows)} rows of an earlier run in {self.path}")
+            else:
+                print(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows "
+                      "logged after that checkpoint (they will be logged again)")
         self._rewrite(columns or list(CORE_COLUMNS), kept)
         if self.tensorboard and self._writer is None:
             from torch.utils.tensorboard import SummaryWriter

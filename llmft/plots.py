@@ -1,37 +1,102 @@
-"""Plots people would rather look at than read: training curves from a trainer's log history."""
+"""Plots people would rather look at than read: the lab's four training panels (train loss, validation loss, learning
+rate, GPU memory) from the metrics CSV or a trainer, and the shape of a learning-rate schedule.
+
+Every function returns the matplotlib Figure (shown inline in notebooks) and saves a PNG when given ``path``.
+"""
 from __future__ import annotations
 
 import os
 
 
-def log_history_frame(log_history):
-    """``trainer.state.log_history`` (a list of dicts) → a pandas DataFrame, one row per log/eval event."""
+def load_metrics(source):
+    """A tidy DataFrame of training metrics from: a metrics CSV path (``output_dir/metrics.csv``), an output
+    directory holding one, a trainer (its log history), or a log history list."""
     import pandas as pd
 
-    frame = pd.DataFrame(list(log_history))
+    if hasattr(source, "state") and hasattr(source.state, "log_history"):
+        source = source.state.log_history
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            path = os.path.join(path, "metrics.csv")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"load_metrics: no metrics CSV at {path} (build_trainer writes "
+                                    "<output_dir>/metrics.csv)")
+        return pd.read_csv(path)
+    frame = pd.DataFrame(list(source))
     if "step" not in frame:
-        raise ValueError("log_history has no 'step' field; pass trainer.state.log_history")
+        raise ValueError("load_metrics: expected rows with a 'step' field (trainer.state.log_history or metrics.csv)")
     return frame
 
 
-def plot_training(log_history, path: str | os.PathLike | None = None, title: str = "Training"):
-    """Train loss and eval loss against step, and the learning rate, side by side. Saves to ``path`` if given and
-    returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt
+def _series(frame, column):
+    if column not in frame:
+        return None
+    points = frame[["step", column]].dropna()
+    return points if len(points) else None
 
-    frame = log_history_frame(log_history)
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    for column, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
-        if column in frame:
-            points = frame[["step", column]].dropna()
-            ax_loss.plot(points["step"], points[column], style, label=label)
-    ax_loss.set(xlabel="step", ylabel="loss", title=f"{title}: loss")
-    ax_loss.legend()
-    if "learning_rate" in frame:
-        points = frame[["step", "learning_rate"]].dropna()
-        ax_lr.plot(points["step"], points["learning_rate"])
-    ax_lr.set(xlabel="step", ylabel="learning rate", title=f"{title}: learning rate")
+
+def _save(fig, path):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
+
+
+def plot_training(source, path: str | os.PathLike | None = None, title: str = "Training"):
+    """The lab's four panels: train loss, validation loss, learning rate and GPU memory (reserved and allocated,
+    GB; flat at 0 on a CPU) against the step."""
+    import matplotlib.pyplot as plt
+
+    frame = load_metrics(source)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = [
+        (axes[0, 0], [("loss", "train loss", "-")], "train loss"),
+        (axes[0, 1], [("eval_loss", "validation loss", "o-")], "validation loss"),
+        (axes[1, 0], [("learning_rate", "learning rate", "-")], "learning rate"),
+        (axes[1, 1], [("gpu_mem_reserved_gb", "reserved", "-"), ("gpu_mem_allocated_gb", "allocated", "--")],
+         "GPU memory (GB)"),
+    ]
+    for ax, lines, name in panels:
+        drawn = False
+        for column, label, style in lines:
+            points = _series(frame, column)
+            if points is not None:
+                ax.plot(points["step"], points[column], style, label=label)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif len(lines) > 1:
+            ax.legend()
+        ax.set(xlabel="step", title=f"{title}: {name}")
+    return _save(fig, path)
+
+
+def plot_schedule(scheduler, num_training_steps: int, peak_lr: float = 2e-4, path: str | os.PathLike | None = None,
+                  compare: tuple = ("linear",), **options):
+    """The learning rate a schedule gives at each step (a name from :data:`llmft.schedulers.SCHEDULES`, a factory,
+    or several names as a list), next to transformers' schedules named in ``compare``."""
+    import matplotlib.pyplot as plt
+    import torch
+    from transformers import get_scheduler
+
+    from llmft.schedulers import schedule_curve
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]:
+        label = name if isinstance(name, str) else getattr(name, "__name__", "custom")
+        ax.plot(schedule_curve(name, num_training_steps, peak_lr, **options), label=label)
+    warmup = options.get("warmup_steps", 0)
+    for name in compare:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=peak_lr)
+        sched = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps)
+        curve = []
+        for _ in range(num_training_steps):
+            curve.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            sched.step()
+        ax.plot(curve, "--", color="gray", label=f"{name} (transformers)")
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
+    ax.legend()
+    return _save(fig, path)

@@ -91,6 +91,18 @@ def test_metrics_csv_and_weight_decay_ramp(lora_model, chat_dataset, tmp_path):
     assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim < 2 for p in g["params"]))
 
 
+def test_tensorboard_alternative(lora_model, chat_dataset, tmp_path):
+    model, tokenizer = lora_model
+    trainer = _sft(model, tokenizer, chat_dataset, tmp_path, max_steps=4, tensorboard=True)
+    trainer.train()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"loss", "learning_rate", "eval_loss"} <= set(scalars)
+
+
 def test_unknown_metric_is_named(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
     trainer = _sft(model, tokenizer, chat_dataset, tmp_path, metric="eval_rewards/accuracies", max_steps=4)

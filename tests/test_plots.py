@@ -1,0 +1,50 @@
+import csv
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from llmft import plots  # noqa: E402
+
+
+def _write_csv(path):
+    rows = [{"step": 1, "event": "train", "loss": 3.0, "learning_rate": 1e-3, "gpu_mem_reserved_gb": 0.0},
+            {"step": 2, "event": "train", "loss": 2.5, "learning_rate": 8e-4, "gpu_mem_reserved_gb": 0.0},
+            {"step": 2, "event": "eval", "eval_loss": 2.7}]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "event", "loss", "learning_rate", "gpu_mem_reserved_gb",
+                                                    "eval_loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_four_panels_from_the_metrics_csv(tmp_path):
+    _write_csv(tmp_path / "metrics.csv")
+    fig = plots.plot_training(tmp_path, tmp_path / "curves.png")  # an output dir holding metrics.csv
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Training: train loss", "Training: validation loss", "Training: learning rate",
+                      "Training: GPU memory (GB)"]
+    loss_line = fig.axes[0].get_lines()[0]
+    assert list(loss_line.get_ydata()) == [3.0, 2.5]
+    assert list(fig.axes[1].get_lines()[0].get_xdata()) == [2]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_missing_metrics_are_said_not_hidden(tmp_path):
+    fig = plots.plot_training([{"step": 1, "loss": 2.0}])
+    assert "no validation loss logged" in [t.get_text() for t in fig.axes[1].texts]
+    try:
+        plots.load_metrics(tmp_path)
+    except FileNotFoundError as err:
+        assert "metrics.csv" in str(err)
+    else:
+        raise AssertionError("expected FileNotFoundError")
+
+
+def test_schedule_plot(tmp_path):
+    fig = plots.plot_schedule(["chebyshev", "chebyshev_fractal"], 50, peak_lr=1e-3, warmup_steps=5,
+                              path=tmp_path / "s.png")
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["chebyshev", "chebyshev_fractal", "linear (transformers)"]
+    assert max(fig.axes[0].get_lines()[0].get_ydata()) == 1e-3
+    assert (tmp_path / "s.png").exists()
