@@ -215,6 +215,11 @@ class BestCheckpoint(TrainerCallback, ExportableState):
         final = root / f"step-{state.global_step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
+            # A card written first says what this checkpoint is (and spares PEFT compiling its card template).
+            (tmp / "README.md").write_text(
+                f"# Best checkpoint by {self.rule.metric}\n\nstep {state.global_step}: {self.rule.metric} = {value:.6g} "
+                f"({'higher' if self.rule.greater_is_better else 'lower'} is better). Written by llmft.BestCheckpoint; "
+                "reload with `llmft.load_model(<this directory>)`.\n")
             model.save_pretrained(str(tmp))
             if processing_class is not None:
                 processing_class.save_pretrained(str(tmp))
