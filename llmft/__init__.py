@@ -10,22 +10,25 @@ _import_unsloth()  # before anything below imports trl/transformers
 from llmft.callbacks import (  # noqa: E402
     BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, WeightDecayRamp,
 )
-from llmft.data import DataError, DataReport, alpaca_to_text, count_overlong, sharegpt_to_messages  # noqa: E402
+from llmft.data import (  # noqa: E402
+    DataError, DataReport, alpaca_to_text, count_overlong, orca_to_dpo, preference_pairs, sharegpt_to_messages,
+)
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
-from llmft.plots import load_metrics, plot_schedule, plot_training  # noqa: E402
+from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # noqa: E402
 from llmft.schedulers import chebyshev_schedule, chebyshev_step_schedule  # noqa: E402
 from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
-from llmft.trainers import attach_training_control, build_trainer, train  # noqa: E402
+from llmft.trainers import attach_training_control, build_dpo_trainer, build_trainer, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
-    "build_trainer", "train", "attach_training_control",
+    "build_trainer", "build_dpo_trainer", "train", "attach_training_control",
     "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
     "chebyshev_schedule", "chebyshev_step_schedule",
-    "plot_training", "plot_schedule", "load_metrics",
+    "plot_training", "plot_dpo", "plot_schedule", "load_metrics",
     "generate_response", "generate_batch",
-    "sharegpt_to_messages", "alpaca_to_text", "count_overlong", "DataError", "DataReport",
+    "sharegpt_to_messages", "alpaca_to_text", "orca_to_dpo", "preference_pairs", "count_overlong", "DataError",
+    "DataReport",
     "apply_chat_template", "format_alpaca", "format_mcq",
 ]

@@ -26,6 +26,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from llmft.models import save_active_adapter
+
 CORE_COLUMNS = ["step", "epoch", "event", "loss", "learning_rate", "grad_norm", "weight_decay",
                 "gpu_mem_reserved_gb", "gpu_mem_allocated_gb"]
 LOWER_IS_BETTER_HINTS = ("loss", "perplexity", "error")
@@ -220,7 +222,7 @@ class BestCheckpoint(TrainerCallback, ExportableState):
                 f"# Best checkpoint by {self.rule.metric}\n\nstep {state.global_step}: {self.rule.metric} = {value:.6g} "
                 f"({'higher' if self.rule.greater_is_better else 'lower'} is better). Written by llmft.BestCheckpoint; "
                 "reload with `llmft.load_model(<this directory>)`.\n")
-            model.save_pretrained(str(tmp))
+            save_active_adapter(model, tmp)
             if processing_class is not None:
                 processing_class.save_pretrained(str(tmp))
             if final.exists():

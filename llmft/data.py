@@ -1,7 +1,8 @@
 """Hub-shaped datasets → trainer-ready datasets, with row-level checks.
 
 Each adapter reads rows in the shape users load from the hub and returns a ``datasets.Dataset`` in the shape TRL
-expects (``messages`` for chat data, ``text`` for plain prompts). A malformed row raises :class:`DataError` naming the
+expects (``messages`` for chat data, ``text`` for plain prompts, conversational ``prompt``/``chosen``/``rejected`` for
+DPO). A malformed row raises :class:`DataError` naming the
 row index and the field, with a hint. Rows left out on purpose (nothing to learn from them) are counted and reported
 in a :class:`DataReport`, printed by default; nothing is dropped silently.
 """
@@ -158,13 +159,21 @@ def alpaca_to_text(dataset, eos_token: str, *, instruction: str = "instruction",
 
 
 def sample_lengths(dataset, tokenizer) -> list[int]:
-    """Token count of each row as the trainer will see it (``messages`` rendered with the chat template, or ``text``)."""
+    """Token count of each row as the trainer will see it: ``messages`` rendered with the chat template, ``text``, or
+    for preference pairs the longer of prompt + chosen and prompt + rejected."""
+    if {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
+        lengths = []
+        for row in dataset:
+            sides = [tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False) for k in ("chosen", "rejected")]
+            lengths.append(max(len(ids) for ids in tokenizer(sides, add_special_tokens=False)["input_ids"]))
+        return lengths
     if "messages" in dataset.column_names:
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
     elif "text" in dataset.column_names:
         texts = list(dataset["text"])
     else:
-        raise DataError(f"sample_lengths: expected a 'messages' or 'text' column, got {dataset.column_names}")
+        raise DataError(f"sample_lengths: expected 'messages', 'text' or prompt/chosen/rejected columns, got "
+                        f"{dataset.column_names}")
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -174,3 +183,79 @@ def count_overlong(dataset, tokenizer, max_seq_length: int, name: str = "dataset
     report = DataReport(name, rows_in=len(lengths), rows_out=len(lengths), max_seq_length=max_seq_length)
     report.overlong = [i for i, n in enumerate(lengths) if n > max_seq_length]
     return report
+
+
+def _pair_row(i: int, prompt_messages: list[dict], chosen, rejected, report: DataReport, strict: bool):
+    """One conversational preference row, or None when the pair teaches nothing (counted in ``report``)."""
+    for field_name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            raise DataError(f"row {i}, field '{field_name}': expected a string, got {type(value).__name__}")
+    problem = ("empty chosen" if not chosen.strip() else "empty rejected" if not rejected.strip()
+               else "chosen == rejected" if chosen.strip() == rejected.strip() else None)
+    if problem:
+        if strict:
+            raise DataError(f"row {i}, field '{'rejected' if 'rejected' in problem else 'chosen'}': {problem}, so the "
+                            "pair carries no preference. Fix the row, or pass strict=False to skip and count such rows")
+        report.skip(problem, i)
+        return None
+    return {"prompt": prompt_messages, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def orca_to_dpo(dataset, *, strict: bool = True, verbose: bool = True, return_report: bool = False):
+    """``Intel/orca_dpo_pairs`` rows (``system``, ``question``, ``chosen``, ``rejected``) → conversational
+    ``prompt`` / ``chosen`` / ``rejected`` for TRL's DPOTrainer (the chat template is applied by the trainer). The
+    system message is kept when present.
+
+    Raises :class:`DataError` naming the row for a missing or non-string field, an empty question, and (with
+    ``strict=True``) an empty answer or ``chosen == rejected``; ``strict=False`` skips and reports those instead.
+    """
+    _require_columns(dataset, ["question", "chosen", "rejected"], "orca_to_dpo",
+                     "Intel/orca_dpo_pairs has system, question, chosen, rejected; for prompt/chosen/rejected rows "
+                     "use preference_pairs.")
+    has_system = "system" in dataset.column_names
+    report = DataReport("orca_to_dpo", rows_in=len(dataset))
+    out = []
+    for i, row in enumerate(_rows(dataset, "orca → DPO pairs")):
+        question, system = row["question"], (row["system"] if has_system else None) or ""
+        for field_name, value in (("question", question), ("system", system)):
+            if not isinstance(value, str):
+                raise DataError(f"row {i}, field '{field_name}': expected a string, got {type(value).__name__}")
+        if not question.strip():
+            raise DataError(f"row {i}, field 'question': empty question")
+        prompt = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": question}]
+        pair = _pair_row(i, prompt, row["chosen"], row["rejected"], report, strict)
+        if pair is not None:
+            out.append(pair)
+    return _finish(out, report, verbose, return_report)
+
+
+def preference_pairs(dataset, *, strict: bool = True, verbose: bool = True, return_report: bool = False):
+    """Generic ``prompt`` / ``chosen`` / ``rejected`` rows with string values → the conversational form TRL's
+    DPOTrainer takes (user prompt, assistant answers). Rows already in conversational form are validated and kept.
+    Same checks as :func:`orca_to_dpo`."""
+    _require_columns(dataset, ["prompt", "chosen", "rejected"], "preference_pairs",
+                     "Name the columns prompt, chosen, rejected (dataset.rename_column).")
+    report = DataReport("preference_pairs", rows_in=len(dataset))
+    out = []
+    for i, row in enumerate(_rows(dataset, "preference pairs")):
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        if isinstance(prompt, list):  # conversational already: validate the shape, take the answers' text
+            if not prompt or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
+                raise DataError(f"row {i}, field 'prompt': expected a string or a list of {{role, content}} messages")
+            answers = []
+            for field_name, value in (("chosen", chosen), ("rejected", rejected)):
+                if isinstance(value, list):
+                    if len(value) != 1 or value[0].get("role") != "assistant":
+                        raise DataError(f"row {i}, field '{field_name}': expected one assistant message")
+                    value = value[0].get("content")
+                answers.append(value)
+            pair = _pair_row(i, prompt, answers[0], answers[1], report, strict)
+        else:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise DataError(f"row {i}, field 'prompt': expected a non-empty string, got {prompt!r:.40}")
+            pair = _pair_row(i, [{"role": "user", "content": prompt}], chosen, rejected, report, strict)
+        if pair is not None:
+            out.append(pair)
+    return _finish(out, report, verbose, return_report)

@@ -181,9 +181,19 @@ def save_adapters(model, tokenizer, path: str | os.PathLike) -> Path:
         raise ValueError("save_adapters: the model has no LoRA adapters (load it with lora_r set, the default)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
+    save_active_adapter(model, path)
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def save_active_adapter(model, path: str | os.PathLike) -> None:
+    """``model.save_pretrained`` for the trained adapter only: DPO adds a frozen ``ref`` copy that must not be saved
+    alongside (it would double the size and is not part of the result)."""
+    active = getattr(model, "active_adapter", None)
+    if hasattr(model, "peft_config") and isinstance(active, str) and len(model.peft_config) > 1:
+        model.save_pretrained(str(path), selected_adapters=[active])
+    else:
+        model.save_pretrained(str(path))
 
 
 def export_merged(model, tokenizer, path: str | os.PathLike, save_method: str = "merged_16bit") -> Path:

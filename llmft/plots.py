@@ -100,3 +100,33 @@ def plot_schedule(scheduler, num_training_steps: int, peak_lr: float = 2e-4, pat
     ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
     ax.legend()
     return _save(fig, path)
+
+
+def plot_dpo(source, path: str | os.PathLike | None = None, title: str = "DPO"):
+    """DPO's four panels from the same metrics CSV: loss, reward accuracy (how often the chosen answer out-scores
+    the rejected one), reward margin, and chosen vs rejected rewards; training as lines, evaluation as dots."""
+    import matplotlib.pyplot as plt
+
+    frame = load_metrics(source)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = [
+        (axes[0, 0], "loss", [("loss", "train"), ("eval_loss", "eval")]),
+        (axes[0, 1], "reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")]),
+        (axes[1, 0], "reward margin", [("rewards/margins", "train"), ("eval_rewards/margins", "eval")]),
+        (axes[1, 1], "rewards", [("rewards/chosen", "chosen (train)"), ("rewards/rejected", "rejected (train)"),
+                                 ("eval_rewards/chosen", "chosen (eval)"), ("eval_rewards/rejected", "rejected (eval)")]),
+    ]
+    for ax, name, lines in panels:
+        drawn = False
+        for column, label in lines:
+            points = _series(frame, column)
+            if points is not None:
+                ax.plot(points["step"], points[column], "o-" if column.startswith("eval_") else "-", label=label,
+                        alpha=0.9)
+                drawn = True
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set(xlabel="step", title=f"{title}: {name}")
+    return _save(fig, path)

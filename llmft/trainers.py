@@ -57,17 +57,51 @@ def _planned_steps(n_rows: int, batch: int, accumulation: int, epochs: float, ma
     return max(1, math.ceil(math.ceil(n_rows / batch) / accumulation * epochs))
 
 
-def _sft_config(overrides: dict, **defaults):
-    from trl import SFTConfig
-
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
+def _config(config_cls, builder: str, overrides: dict, **defaults):
+    """``config_cls(**defaults, **overrides)``, with unknown option names reported and a close match suggested."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = [k for k in overrides if k not in known]
     if unknown:
         hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        raise TypeError("build_trainer: unknown option(s) " + ", ".join(
+        raise TypeError(f"{builder}: unknown option(s) " + ", ".join(
             f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            + ". Options are build_trainer's own arguments or trl.SFTConfig fields.")
-    return SFTConfig(**{**defaults, **overrides})
+            + f". Options are {builder}'s own arguments or trl.{config_cls.__name__} fields.")
+    return config_cls(**{**defaults, **overrides})
+
+
+def _prepare(builder: str, tokenizer, train_dataset, eval_dataset, *, max_length: int, eval_max_samples: int | None,
+             seed: int, verbose: bool):
+    """Bound the eval set to a fixed random subset and count over-long rows; returns (eval_dataset, reports)."""
+    reports = {"train": count_overlong(train_dataset, tokenizer, max_length, "train_dataset")}
+    if eval_dataset is not None and eval_max_samples is not None and len(eval_dataset) > eval_max_samples:
+        if verbose:
+            print(f"{builder}: evaluating on a fixed random {eval_max_samples} of {len(eval_dataset)} eval rows "
+                  "(eval_max_samples)")
+        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(eval_max_samples))
+    if eval_dataset is not None:
+        reports["eval"] = count_overlong(eval_dataset, tokenizer, max_length, "eval_dataset")
+    if verbose:
+        for report in reports.values():
+            print(report)
+    return eval_dataset, reports
+
+
+def _shared_args(*, n_train: int, has_eval: bool, output_dir, max_steps, num_train_epochs, per_device_train_batch_size,
+                 gradient_accumulation_steps, learning_rate, warmup_steps, lr_scheduler_type, weight_decay,
+                 max_grad_norm, logging_steps, eval_steps, save_total_limit, optim, seed, report_to) -> dict:
+    """The training arguments SFT and DPO share, with the T4 defaults filled in."""
+    steps = _planned_steps(n_train, per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs,
+                           max_steps)
+    if eval_steps is None:
+        eval_steps = max(1, steps // 10)
+    return dict(
+        output_dir=output_dir, max_steps=max_steps, num_train_epochs=num_train_epochs,
+        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, logging_steps=logging_steps, eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps, save_total_limit=save_total_limit,
+        optim=optim or default_optim(), seed=seed, data_seed=seed, report_to=report_to, **precision_flags())
 
 
 def build_trainer(
@@ -142,7 +176,7 @@ def build_trainer(
     Any other ``trl.SFTConfig`` field can be passed as a keyword (e.g. ``packing=True``).
     """
     import_unsloth()
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     kind = _check_dataset(train_dataset, "train_dataset")
     if eval_dataset is not None and _check_dataset(eval_dataset, "eval_dataset") != kind:
@@ -158,48 +192,19 @@ def build_trainer(
     if max_seq_length is None:
         max_seq_length = getattr(model, "max_seq_length", None) or 2048
 
-    reports = {"train": count_overlong(train_dataset, tokenizer, max_seq_length, "train_dataset")}
-    if eval_dataset is not None and eval_max_samples is not None and len(eval_dataset) > eval_max_samples:
-        if verbose:
-            print(f"build_trainer: evaluating on a fixed random {eval_max_samples} of {len(eval_dataset)} eval rows "
-                  "(eval_max_samples)")
-        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(eval_max_samples))
-    if eval_dataset is not None:
-        reports["eval"] = count_overlong(eval_dataset, tokenizer, max_seq_length, "eval_dataset")
-    if verbose:
-        for report in reports.values():
-            print(report)
-
-    steps = _planned_steps(len(train_dataset), per_device_train_batch_size, gradient_accumulation_steps,
-                           num_train_epochs, max_steps)
-    if eval_steps is None:
-        eval_steps = max(1, steps // 10)
-    args = _sft_config(
-        sft_config,
-        output_dir=output_dir,
-        max_steps=max_steps,
-        num_train_epochs=num_train_epochs,
-        per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        lr_scheduler_type=lr_scheduler_type,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
+    eval_dataset, reports = _prepare("build_trainer", tokenizer, train_dataset, eval_dataset, max_length=max_seq_length,
+                                     eval_max_samples=eval_max_samples, seed=seed, verbose=verbose)
+    args = _config(
+        SFTConfig, "build_trainer", sft_config,
+        **_shared_args(
+            n_train=len(train_dataset), has_eval=eval_dataset is not None, output_dir=output_dir, max_steps=max_steps,
+            num_train_epochs=num_train_epochs, per_device_train_batch_size=per_device_train_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+            warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, logging_steps=logging_steps, eval_steps=eval_steps,
+            save_total_limit=save_total_limit, optim=optim, seed=seed, report_to=report_to),
         max_length=max_seq_length,
-        logging_steps=logging_steps,
-        eval_strategy="steps" if eval_dataset is not None else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=save_total_limit,
-        optim=optim or default_optim(),
-        seed=seed,
-        data_seed=seed,
-        report_to=report_to,
         dataset_text_field="text",
-        **precision_flags(),
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
@@ -213,6 +218,103 @@ def build_trainer(
 
         parts = {} if response_part is None else {"instruction_part": instruction_part, "response_part": response_part}
         trainer = train_on_responses_only(trainer, **parts)
+    trainer.llmft_reports = reports
+    return trainer
+
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def build_dpo_trainer(
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset=None,
+    *,
+    output_dir: str = "outputs_dpo",
+    beta: float = 0.1,
+    learning_rate: float = 5e-6,
+    max_length: int | None = None,
+    max_steps: int = -1,
+    num_train_epochs: float = 1.0,
+    per_device_train_batch_size: int = 2,
+    gradient_accumulation_steps: int = 4,
+    warmup_steps: float = 5,
+    lr_scheduler_type: str = "linear",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    logging_steps: int = 1,
+    eval_steps: int | None = None,
+    eval_max_samples: int | None = 200,
+    save_total_limit: int = 2,
+    optim: str | None = None,
+    seed: int = DEFAULT_SEED,
+    report_to: str = "none",
+    scheduler=None,
+    scheduler_options: dict | None = None,
+    metric: str = "eval_loss",
+    greater_is_better: bool | None = None,
+    early_stopping_patience: int | None = 3,
+    early_stopping_min_delta: float = 0.0,
+    keep_best: int = 2,
+    metrics_csv: bool = True,
+    tensorboard: bool = False,
+    weight_decay_ramp: tuple[float, float] | None = None,
+    callbacks: list | None = None,
+    verbose: bool = True,
+    **dpo_config,
+):
+    """Return a TRL ``DPOTrainer`` for ``model`` (from :func:`llmft.load_model`, LoRA on) on preference pairs
+    (``prompt``/``chosen``/``rejected``; see :func:`llmft.data.orca_to_dpo` and :func:`llmft.data.preference_pairs`).
+
+    The reference policy costs no second model: TRL copies the model's LoRA adapter into a frozen ``ref`` adapter when
+    the trainer is built and computes reference log-probabilities through it. From a fresh LoRA (B = 0) that reference
+    *is* the base model with its adapter disabled; from SFT adapters (``load_model("<sft adapters>")``) it is the SFT
+    model, as DPO intends.
+
+    Defaults as :func:`build_trainer` (precision from the hardware, 8-bit AdamW on a GPU, batch 2 x 4,
+    ``max_grad_norm=1.0``, bounded eval subset, checkpoints for :func:`train` to resume, the same training control and
+    schedules) with DPO's own: ``beta=0.1``, ``learning_rate=5e-6`` (DPO wants far smaller steps than SFT), no weight
+    decay, ``max_length`` = the model's ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g.
+    ``"eval_rewards/accuracies"`` or ``"eval_rewards/margins"`` (higher is better, inferred from the name). Any other
+    ``trl.DPOConfig`` field can be passed as a keyword.
+    """
+    import_unsloth()
+    from trl import DPOConfig, DPOTrainer
+
+    for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if dataset is not None and not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
+            hint = (" Convert Intel/orca_dpo_pairs rows with llmft.data.orca_to_dpo." if "question" in
+                    dataset.column_names else " Use llmft.data.preference_pairs to check and convert them.")
+            raise DataError(f"{argument}: DPO needs prompt, chosen and rejected columns, got {dataset.column_names}."
+                            + hint)
+    if not hasattr(model, "peft_config"):
+        raise ValueError("build_dpo_trainer: the model has no LoRA adapter; load it with llmft.load_model (lora_r "
+                         "set, the default) so the reference is an adapter copy instead of a second model")
+    if max_length is None:
+        max_length = getattr(model, "max_seq_length", None) or 1024
+    eval_dataset, reports = _prepare("build_dpo_trainer", tokenizer, train_dataset, eval_dataset,
+                                     max_length=max_length, eval_max_samples=eval_max_samples, seed=seed,
+                                     verbose=verbose)
+    args = _config(
+        DPOConfig, "build_dpo_trainer", dpo_config,
+        **_shared_args(
+            n_train=len(train_dataset), has_eval=eval_dataset is not None, output_dir=output_dir, max_steps=max_steps,
+            num_train_epochs=num_train_epochs, per_device_train_batch_size=per_device_train_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+            warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, logging_steps=logging_steps, eval_steps=eval_steps,
+            save_total_limit=save_total_limit, optim=optim, seed=seed, report_to=report_to),
+        beta=beta,
+        max_length=max_length,
+    )
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=list(callbacks or []))
+    attach_training_control(
+        trainer, metric=metric, greater_is_better=greater_is_better, early_stopping_patience=early_stopping_patience,
+        early_stopping_min_delta=early_stopping_min_delta, keep_best=keep_best, metrics_csv=metrics_csv,
+        tensorboard=tensorboard, weight_decay_ramp=weight_decay_ramp, scheduler=scheduler,
+        scheduler_options=scheduler_options)
     trainer.llmft_reports = reports
     return trainer
 
