@@ -173,7 +173,7 @@ class BestCheckpoint(TrainerCallback, ExportableState):
                  kept: list | None = None):
         if keep < 1:
             raise ValueError(f"BestCheckpoint(keep={keep}): keep at least 1 checkpoint")
-        self.directory = str(directory)
+        self.directory = os.path.abspath(directory)
         self.rule = _Improvement(metric, greater_is_better)
         self.keep = keep
         self.best_value = best_value

@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_there_are_numbered_notebooks():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_sft.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:2] == ["01_sft.ipynb", "02_dpo.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -27,12 +27,22 @@ def test_notebook_is_committed_clean(path):
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", text)  # no hub tokens
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One working directory for all notebooks, run in order: 02 continues from 01's adapters as a user would."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
+def test_notebook_runs_in_smoke_mode(path, workdir, monkeypatch):
     monkeypatch.setenv("LLMFT_SMOKE", "1")
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    sft_adapters_exist = (workdir / "outputs" / "01_sft" / "adapters" / "adapter_config.json").exists()
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    if path.name == "02_dpo.ipynb" and sft_adapters_exist:  # after 01 ran here, 02 continues from its adapters
+        printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert "Policy and reference start from the SFT adapters" in printed
