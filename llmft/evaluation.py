@@ -213,22 +213,14 @@ def generate_cached(model, tokenizer, prompts, name: str, cache_dir, *, batch_si
     return done
 
 
-def compare_models(model, tokenizer, prompts, references, adapters: dict | None = None, *, include_base: bool = True,
-                   cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8, max_new_tokens: int = 128,
-                   plot: bool = True, bertscore_options: dict | None = None, **generate_options):
-    """Generate with the base model (adapter disabled) and each named adapter on the same prompts, batched and greedy
-    by default, then score each against ``references``. Returns ``(table, answers, figure)``: a DataFrame with one row
-    per model and the lab's columns (BLEU, ROUGE-1/2/L/Lsum, BERTScore P/R/F1), the answers per model, and a bar
-    chart (or None with ``plot=False``). Generations are cached in ``cache_dir``.
-
-    ``model`` must be a PEFT model (from :func:`llmft.load_model`); ``adapters`` maps a name to an adapter directory
-    (``{"SFT": "outputs/01_sft/adapters", "DPO": "outputs/02_dpo/adapters"}``), loaded onto the same base, so only one
-    model is in memory. Prompts: strings or chat message lists.
-    """
-    import pandas as pd
-
+def generate_by_model(model, tokenizer, prompts, adapters: dict | None = None, *, include_base: bool = True,
+                      cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8,
+                      max_new_tokens: int = 128, **generate_options) -> "OrderedDict[str, list[str]]":
+    """Answers to ``prompts`` from the base model (adapter disabled) and each named adapter, all on one base model in
+    memory: ``adapters`` maps a name to an adapter directory, loaded with PEFT's ``load_adapter``. Batched, greedy by
+    default, cached per batch in ``cache_dir`` (see :func:`generate_cached`)."""
     if not hasattr(model, "load_adapter"):
-        raise ValueError("compare_models: model must be a PEFT model; load it with llmft.load_model (lora_r set)")
+        raise ValueError("generate_by_model: model must be a PEFT model; load it with llmft.load_model (lora_r set)")
     answers: "OrderedDict[str, list[str]]" = OrderedDict()
     settings = dict(cache_dir=cache_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, **generate_options)
     if include_base:
@@ -238,7 +230,7 @@ def compare_models(model, tokenizer, prompts, references, adapters: dict | None 
     try:
         for name, path in (adapters or {}).items():
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
-                raise FileNotFoundError(f"compare_models: adapters[{name!r}] = {path!r} has no adapter_config.json")
+                raise FileNotFoundError(f"adapters[{name!r}] = {path!r} has no adapter_config.json")
             adapter_name = f"llmft_{name}"
             if adapter_name not in model.peft_config:
                 model.load_adapter(path, adapter_name=adapter_name)
@@ -246,6 +238,24 @@ def compare_models(model, tokenizer, prompts, references, adapters: dict | None 
             answers[name] = generate_cached(model, tokenizer, prompts, f"{name}-{Path(path).resolve()}", **settings)
     finally:
         model.set_adapter(previous)
+    return answers
+
+
+def compare_models(model, tokenizer, prompts, references, adapters: dict | None = None, *, include_base: bool = True,
+                   cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8, max_new_tokens: int = 128,
+                   plot: bool = True, bertscore_options: dict | None = None, **generate_options):
+    """Generate with the base model (adapter disabled) and each named adapter on the same prompts
+    (:func:`generate_by_model`), then score each against ``references``. Returns ``(table, answers, figure)``: a
+    DataFrame with one row per model and the lab's columns (BLEU, ROUGE-1/2/L/Lsum, BERTScore P/R/F1), the answers
+    per model, and a bar chart (None with ``plot=False``).
+
+    ``adapters``: ``{"SFT": "outputs/01_sft/adapters", "DPO": "outputs/02_dpo/adapters"}``. Prompts: strings or
+    chat message lists. ``bertscore_options``: e.g. ``{"model_type": minilm_model_dir(), "num_layers": 6}`` offline.
+    """
+    import pandas as pd
+
+    answers = generate_by_model(model, tokenizer, prompts, adapters, include_base=include_base, cache_dir=cache_dir,
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, **generate_options)
     rows = {name: score_all(texts, references, **(bertscore_options or {})) for name, texts in answers.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "model"

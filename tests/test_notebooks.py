@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_there_are_numbered_notebooks():
-    assert [p.name for p in NOTEBOOKS][:2] == ["01_sft.ipynb", "02_dpo.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:3] == ["01_sft.ipynb", "02_dpo.ipynb", "03_evaluation.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
