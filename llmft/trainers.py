@@ -20,6 +20,12 @@ from llmft.models import DEFAULT_SEED
 from llmft.schedulers import resolve_schedule
 
 SUPPORTED_COLUMNS = ("messages", "text")
+# Arguments build_trainer and build_dpo_trainer share: passed to _shared_args and to attach_training_control.
+SHARED_ARGS = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "learning_rate", "warmup_steps", "lr_scheduler_type", "weight_decay",
+               "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit", "optim", "seed", "report_to")
+CONTROL_OPTIONS = ("metric", "greater_is_better", "early_stopping_patience", "early_stopping_min_delta", "keep_best",
+                   "metrics_csv", "tensorboard", "weight_decay_ramp", "scheduler", "scheduler_options")
 
 
 def precision_flags() -> dict:
@@ -175,6 +181,7 @@ def build_trainer(
 
     Any other ``trl.SFTConfig`` field can be passed as a keyword (e.g. ``packing=True``).
     """
+    options = dict(locals())
     import_unsloth()
     from trl import SFTConfig, SFTTrainer
 
@@ -196,23 +203,14 @@ def build_trainer(
                                      eval_max_samples=eval_max_samples, seed=seed, verbose=verbose)
     args = _config(
         SFTConfig, "build_trainer", sft_config,
-        **_shared_args(
-            n_train=len(train_dataset), has_eval=eval_dataset is not None, output_dir=output_dir, max_steps=max_steps,
-            num_train_epochs=num_train_epochs, per_device_train_batch_size=per_device_train_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-            warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, logging_steps=logging_steps, eval_steps=eval_steps,
-            save_total_limit=save_total_limit, optim=optim, seed=seed, report_to=report_to),
+        **_shared_args(n_train=len(train_dataset), has_eval=eval_dataset is not None,
+                       **{k: options[k] for k in SHARED_ARGS}),
         max_length=max_seq_length,
         dataset_text_field="text",
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
-    attach_training_control(
-        trainer, metric=metric, greater_is_better=greater_is_better, early_stopping_patience=early_stopping_patience,
-        early_stopping_min_delta=early_stopping_min_delta, keep_best=keep_best, metrics_csv=metrics_csv,
-        tensorboard=tensorboard, weight_decay_ramp=weight_decay_ramp, scheduler=scheduler,
-        scheduler_options=scheduler_options)
+    attach_training_control(trainer, **{k: options[k] for k in CONTROL_OPTIONS})
     if responses_only:
         from unsloth.chat_templates import train_on_responses_only
 
@@ -279,6 +277,7 @@ def build_dpo_trainer(
     ``"eval_rewards/accuracies"`` or ``"eval_rewards/margins"`` (higher is better, inferred from the name). Any other
     ``trl.DPOConfig`` field can be passed as a keyword.
     """
+    options = dict(locals())
     import_unsloth()
     from trl import DPOConfig, DPOTrainer
 
@@ -298,23 +297,14 @@ def build_dpo_trainer(
                                      verbose=verbose)
     args = _config(
         DPOConfig, "build_dpo_trainer", dpo_config,
-        **_shared_args(
-            n_train=len(train_dataset), has_eval=eval_dataset is not None, output_dir=output_dir, max_steps=max_steps,
-            num_train_epochs=num_train_epochs, per_device_train_batch_size=per_device_train_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-            warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, logging_steps=logging_steps, eval_steps=eval_steps,
-            save_total_limit=save_total_limit, optim=optim, seed=seed, report_to=report_to),
+        **_shared_args(n_train=len(train_dataset), has_eval=eval_dataset is not None,
+                       **{k: options[k] for k in SHARED_ARGS}),
         beta=beta,
         max_length=max_length,
     )
     trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=list(callbacks or []))
-    attach_training_control(
-        trainer, metric=metric, greater_is_better=greater_is_better, early_stopping_patience=early_stopping_patience,
-        early_stopping_min_delta=early_stopping_min_delta, keep_best=keep_best, metrics_csv=metrics_csv,
-        tensorboard=tensorboard, weight_decay_ramp=weight_decay_ramp, scheduler=scheduler,
-        scheduler_options=scheduler_options)
+    attach_training_control(trainer, **{k: options[k] for k in CONTROL_OPTIONS})
     trainer.llmft_reports = reports
     return trainer
 

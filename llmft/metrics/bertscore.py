@@ -1,20 +1,17 @@
 """BERTScore precision/recall/F1 lists (as the hub's evaluate "bertscore"), computed by llmft with bert-score; loads
 offline: ``evaluate.load(llmft.evaluation.metric_path("bertscore"))``. Pass ``model_type=<local dir>`` and
 ``num_layers`` to run without the hub."""
-import datasets
 import evaluate
 
 from llmft.evaluation import DEFAULT_BERTSCORE_LANG, bertscore
+from llmft.metrics import text_pair_features
 
 
 class BERTScore(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=__doc__, citation="Zhang et al., 2020", inputs_description="",
-            features=[datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Sequence(datasets.Value("string"))}),
-                      datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Value("string")})])
+            features=text_pair_features())
 
     def _compute(self, predictions, references, lang=DEFAULT_BERTSCORE_LANG, model_type=None, num_layers=None,
                  batch_size=64, device=None):

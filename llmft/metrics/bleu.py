@@ -1,19 +1,16 @@
 """BLEU as the hub's evaluate "bleu" metric (0-1 scale, 13a tokens, no smoothing), computed by llmft with sacreBLEU;
 loads offline: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``."""
-import datasets
 import evaluate
 
 from llmft.evaluation import bleu
+from llmft.metrics import text_pair_features
 
 
 class Bleu(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=__doc__, citation="Papineni et al., 2002; Post, 2018 (sacreBLEU)", inputs_description="",
-            features=[datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Sequence(datasets.Value("string"))}),
-                      datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Value("string")})])
+            features=text_pair_features())
 
     def _compute(self, predictions, references, max_order=4):
         return bleu(predictions, references, max_order=max_order)

@@ -1,19 +1,16 @@
 """ROUGE-1/2/L/Lsum F-measures with the hub's evaluate "rouge" settings, computed by llmft with rouge-score; loads
 offline: ``evaluate.load(llmft.evaluation.metric_path("rouge"))``."""
-import datasets
 import evaluate
 
 from llmft.evaluation import ROUGE_TYPES, rouge
+from llmft.metrics import text_pair_features
 
 
 class Rouge(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=__doc__, citation="Lin, 2004", inputs_description="",
-            features=[datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Sequence(datasets.Value("string"))}),
-                      datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Value("string")})])
+            features=text_pair_features())
 
     def _compute(self, predictions, references, rouge_types=ROUGE_TYPES, use_stemmer=False, use_aggregator=True):
         return rouge(predictions, references, rouge_types=rouge_types, use_stemmer=use_stemmer,
