@@ -11,8 +11,10 @@ from llmft.callbacks import (  # noqa: E402
     BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, WeightDecayRamp,
 )
 from llmft.data import (  # noqa: E402
-    DataError, DataReport, alpaca_to_text, count_overlong, orca_to_dpo, preference_pairs, sharegpt_to_messages,
+    DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
+    sharegpt_to_messages,
 )
+from llmft import mcq  # noqa: E402,F401  (module: llmft.mcq.score_choices, ...)
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
 from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # noqa: E402
@@ -28,7 +30,8 @@ __all__ = [
     "chebyshev_schedule", "chebyshev_step_schedule",
     "plot_training", "plot_dpo", "plot_schedule", "load_metrics",
     "generate_response", "generate_batch",
-    "sharegpt_to_messages", "alpaca_to_text", "orca_to_dpo", "preference_pairs", "count_overlong", "DataError",
+    "sharegpt_to_messages", "alpaca_to_text", "orca_to_dpo", "preference_pairs", "mcq_rows", "count_overlong",
+    "DataError",
     "DataReport",
     "apply_chat_template", "format_alpaca", "format_mcq",
 ]

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from llmft.templates import format_alpaca
+import ast
+import json
+import re
+
+from llmft.templates import CHOICE_LETTERS, format_alpaca, format_mcq
 
 # ShareGPT speaker names → chat roles (FineTome uses human/gpt; other dumps use user/assistant/model/bing/chatgpt).
 SHAREGPT_ROLES = {
@@ -38,6 +42,7 @@ class DataReport:
     skipped: "OrderedDict[str, list[int]]" = field(default_factory=OrderedDict)
     overlong: list[int] = field(default_factory=list)
     max_seq_length: int | None = None
+    unit: str = "rows"  # what the skipped identifiers are: row indices, or e.g. task_ids
 
     def skip(self, reason: str, index: int) -> None:
         self.skipped.setdefault(reason, []).append(index)
@@ -50,7 +55,7 @@ class DataReport:
         lines = [f"{self.name}: {self.rows_in} rows in, {self.rows_out} out, {self.n_skipped} skipped"]
         for reason, idx in self.skipped.items():
             shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
-            lines.append(f"  skipped {len(idx)} ({reason}): rows {shown}")
+            lines.append(f"  skipped {len(idx)} ({reason}): {self.unit} {shown}")
         if self.max_seq_length is not None:
             shown = ", ".join(map(str, self.overlong[:10])) + (", ..." if len(self.overlong) > 10 else "")
             lines.append(f"  {len(self.overlong)} longer than max_seq_length={self.max_seq_length} tokens"
@@ -258,4 +263,99 @@ def preference_pairs(dataset, *, strict: bool = True, verbose: bool = True, retu
             pair = _pair_row(i, [{"role": "user", "content": prompt}], chosen, rejected, report, strict)
         if pair is not None:
             out.append(pair)
+    return _finish(out, report, verbose, return_report)
+
+
+def parse_choices(value, where: str) -> list[str]:
+    """Choices as a list of strings, from a list or a stringified list (``"['a', 'b']"``, as CodeMMLU CSVs have)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise DataError(f"{where}: could not parse choices {text[:60]!r}; expected a list or a stringified "
+                                "Python/JSON list") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{where}: expected a non-empty list of choices, got {type(value).__name__}")
+    if len(value) > len(CHOICE_LETTERS):
+        raise DataError(f"{where}: {len(value)} choices; at most {len(CHOICE_LETTERS)} are supported")
+    if not all(isinstance(c, (str, int, float)) for c in value):
+        raise DataError(f"{where}: every choice must be text")
+    return [str(c) for c in value]
+
+
+_ANSWER_PATTERNS = [
+    re.compile(r"^\(?([A-J])\)?[.):]?$", re.I),                                       # "B", "(b)", "C.", "D)"
+    re.compile(r"^(?:the\s+)?(?:correct\s+)?answer\s*(?:is)?\s*[:：]?\s*\(?([A-J])\)?[.)]?$", re.I),  # "Answer: B"
+    re.compile(r"^(?:option|choice|đáp án|dap an)\s*[:：]?\s*\(?([A-J])\)?[.)]?$", re.I),  # "Option C", "Đáp án: D"
+]
+
+
+def normalize_answer(value, choices: list[str]) -> str | None:
+    """A gold answer as a letter within ``choices``, or None when it cannot be resolved. Accepts a letter in messy
+    form ("B", " c ", "(D)", "Answer: B", "Đáp án: A"), a 0-based index, or the text of one of the choices."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return CHOICE_LETTERS[value] if 0 <= value < len(choices) else None
+    text = str(value).strip()
+    for pattern in _ANSWER_PATTERNS:
+        match = pattern.match(text)
+        if match:
+            letter = match.group(1).upper()
+            return letter if CHOICE_LETTERS.index(letter) < len(choices) else None
+    exact = [i for i, c in enumerate(choices) if c.strip() == text]
+    return CHOICE_LETTERS[exact[0]] if len(exact) == 1 else None
+
+
+def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True, task_id: str = "task_id",
+             question: str = "question", choices: str = "choices", answer: str = "answer", verbose: bool = True,
+             return_report: bool = False):
+    """Multiple-choice rows → the CodeMMLU zero-shot prompt with lettered choices.
+
+    Reads CodeMMLU-style rows (``task_id``, ``question``, ``choices`` as a list or stringified list, ``answer`` as a
+    letter or messy text) and Vietnamese rows shaped like beyoru/Tin_hoc_mcq (``answer_a`` ... ``answer_d``,
+    ``answer_key``). Returns ``task_id``, ``prompt`` (ends with "Answer:", for scoring/generation), ``choices``,
+    ``n_choices`` and, with answers, ``answer`` (a letter) and ``text`` (prompt + " " + letter + ``eos_token``, for
+    training). Rows whose answer cannot be resolved are skipped and reported by task_id; malformed rows raise
+    :class:`DataError` naming the row and field. ``with_answers=False`` for test rows without answers.
+    """
+    columns = dataset.column_names
+    letter_columns = [f"answer_{c}" for c in "abcdefghij" if f"answer_{c}" in columns]
+    vietnamese = choices not in columns and bool(letter_columns)
+    if vietnamese and answer not in columns and "answer_key" in columns:
+        answer = "answer_key"
+    needed = [question] + ([] if vietnamese else [choices]) + ([answer] if with_answers else [])
+    _require_columns(dataset, needed, "mcq_rows", "Name the fields with question=, choices=, answer=, task_id=; "
+                     "Vietnamese rows need answer_a..answer_d and answer_key.")
+    if with_answers and not eos_token:
+        raise DataError("mcq_rows: pass eos_token=tokenizer.eos_token for training rows (or with_answers=False)")
+    id_column = task_id if task_id in columns else "id" if "id" in columns else None
+    report = DataReport("mcq_rows", rows_in=len(dataset), unit="task_ids")
+    out, seen = [], set()
+    for i, row in enumerate(_rows(dataset, "MCQ rows")):
+        tid = str(row[id_column]) if id_column else f"row_{i}"
+        if tid in seen:
+            raise DataError(f"row {i}, field '{id_column}': duplicate task_id {tid!r}")
+        seen.add(tid)
+        text_q = row[question]
+        if not isinstance(text_q, str) or not text_q.strip():
+            raise DataError(f"row {i} (task_id {tid}), field '{question}': expected a non-empty string")
+        if vietnamese:
+            options = [row[c] for c in letter_columns if row[c] not in (None, "")]
+            options = parse_choices(options, f"row {i} (task_id {tid}), fields {letter_columns}")
+        else:
+            options = parse_choices(row[choices], f"row {i} (task_id {tid}), field '{choices}'")
+        prompt = format_mcq(text_q, options).rstrip()
+        item = {"task_id": tid, "prompt": prompt, "choices": options, "n_choices": len(options)}
+        if with_answers:
+            letter = normalize_answer(row[answer], options)
+            if letter is None:
+                report.skip("answer not resolvable to one of the choices", tid)
+                continue
+            item.update(answer=letter, text=f"{prompt} {letter}{eos_token}")
+        out.append(item)
     return _finish(out, report, verbose, return_report)

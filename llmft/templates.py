@@ -23,6 +23,9 @@ MCQ_PROMPT = (
     "Question: {question}\n{choices}\nAnswer: "
 )
 CHOICE_LETTERS = "ABCDEFGHIJ"
+# Markers for build_trainer(instruction_part=..., response_part=...) so MCQ training puts the loss on the answer only.
+MCQ_INSTRUCTION_PART = "The following are multiple choice questions"
+MCQ_RESPONSE_PART = "Answer:"
 
 # Names accepted by Unsloth's get_chat_template that our users reach for most (Unsloth knows many more).
 COMMON_CHAT_TEMPLATES = ("llama-3.1", "llama-3.2", "chatml", "qwen-2.5", "gemma-3", "mistral", "phi-4")
