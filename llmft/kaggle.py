@@ -1,0 +1,126 @@
+"""Kaggle kernels: build and check ``kernel-metadata.json``, assemble a kernel folder from a notebook, and push it
+with the official ``kaggle`` CLI (``kaggle kernels push -p DIR``). Everything but the push itself runs offline, so a
+broken kernel is caught before Kaggle queues it. The thin command line is ``kaggle/push_kernel.py``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+MACHINE_SHAPES = ("NvidiaTeslaT4", "NvidiaTeslaP100", "NvidiaL4", "Tpu1VmV38")
+REQUIRED = ("id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_internet")
+SECRET_PATTERNS = {
+    "a Hugging Face token": re.compile(r"hf_[A-Za-z0-9]{30,}"),
+    "a Kaggle API key": re.compile(r"\"key\"\s*:\s*\"[0-9a-f]{32}\""),
+    "an OpenAI-style key": re.compile(r"sk-[A-Za-z0-9]{32,}"),
+}
+
+
+class KernelError(ValueError):
+    """Kernel metadata or notebook that Kaggle would reject or that would leak a secret; says what and where."""
+
+
+def slugify(title: str) -> str:
+    """Kaggle's rule: a kernel's slug is its title lowercased, spaces to dashes, other characters dropped."""
+    slug = re.sub(r"[^a-z0-9\s-]", "", title.lower())
+    return re.sub(r"[\s-]+", "-", slug).strip("-")
+
+
+def kernel_metadata(owner: str, title: str, code_file: str, *, competition_sources=(), dataset_sources=(),
+                    kernel_sources=(), model_sources=(), enable_internet: bool = True, is_private: bool = True,
+                    enable_gpu: bool = True, machine_shape: str = "NvidiaTeslaT4") -> dict:
+    """``kernel-metadata.json`` for a notebook kernel on a T4. ``enable_internet`` is always written explicitly:
+    competitions that score offline need ``False`` (install from a wheelhouse dataset then, see kaggle/README.md)."""
+    return {
+        "id": f"{owner}/{slugify(title)}", "title": title, "code_file": code_file, "language": "python",
+        "kernel_type": "notebook", "is_private": is_private, "enable_gpu": enable_gpu,
+        "enable_internet": enable_internet, "machine_shape": machine_shape if enable_gpu else None,
+        "competition_sources": list(competition_sources), "dataset_sources": list(dataset_sources),
+        "kernel_sources": list(kernel_sources), "model_sources": list(model_sources),
+    }
+
+
+def validate_metadata(meta: dict, folder: str | Path | None = None) -> None:
+    """Raise :class:`KernelError` naming the field for anything Kaggle would refuse or silently change."""
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise KernelError(f"kernel-metadata.json: missing {missing} (enable_internet must be set explicitly)")
+    owner, _, slug = str(meta["id"]).partition("/")
+    if not owner or not slug or "/" in slug:
+        raise KernelError(f"kernel-metadata.json, field 'id': expected 'username/kernel-slug', got {meta['id']!r}")
+    if len(str(meta["title"])) < 5:
+        raise KernelError("kernel-metadata.json, field 'title': Kaggle needs at least 5 characters")
+    if slugify(str(meta["title"])) != slug:
+        raise KernelError(f"kernel-metadata.json, fields 'id'/'title': the slug {slug!r} must be the title's slug "
+                          f"{slugify(str(meta['title']))!r} (Kaggle links the two)")
+    for key in ("is_private", "enable_gpu", "enable_internet"):
+        if not isinstance(meta[key], bool):
+            raise KernelError(f"kernel-metadata.json, field {key!r}: expected true or false, got {meta[key]!r}")
+    if meta["language"] != "python" or meta["kernel_type"] != "notebook":
+        raise KernelError("kernel-metadata.json: llmft kernels are language 'python', kernel_type 'notebook'")
+    if meta["enable_gpu"] and meta.get("machine_shape") not in MACHINE_SHAPES:
+        raise KernelError(f"kernel-metadata.json, field 'machine_shape': {meta.get('machine_shape')!r}; use one of "
+                          f"{MACHINE_SHAPES} (NvidiaTeslaT4 for llmft's defaults)")
+    for key in ("competition_sources", "dataset_sources", "kernel_sources", "model_sources"):
+        if not isinstance(meta.get(key, []), list):
+            raise KernelError(f"kernel-metadata.json, field {key!r}: expected a list")
+    if folder is not None and not (Path(folder) / meta["code_file"]).exists():
+        raise KernelError(f"kernel-metadata.json, field 'code_file': {meta['code_file']!r} is not in {folder}")
+
+
+def validate_notebook(path: str | Path) -> dict:
+    """Check a notebook before it leaves the machine: valid nbformat JSON with a Python kernel, and no secrets in any
+    cell or output. Returns the notebook."""
+    import nbformat
+
+    path = Path(path)
+    text = path.read_text()
+    try:
+        notebook = nbformat.reads(text, as_version=4)
+        nbformat.validate(notebook)
+    except Exception as exc:  # noqa: BLE001 - nbformat raises several types
+        raise KernelError(f"{path}: not a valid notebook ({exc})") from exc
+    language = notebook.metadata.get("kernelspec", {}).get("language", "python")
+    if language != "python":
+        raise KernelError(f"{path}: kernel language {language!r}; Kaggle notebook kernels here are Python")
+    for index, cell in enumerate(notebook.cells):
+        blob = cell.source + json.dumps(cell.get("outputs", []))
+        for what, pattern in SECRET_PATTERNS.items():
+            if pattern.search(blob):
+                raise KernelError(f"{path}, cell {index}: contains what looks like {what}; read secrets from Kaggle "
+                                  "Secrets (kaggle_secrets.UserSecretsClient) instead and clear the outputs")
+    return notebook
+
+
+def assemble_kernel(notebook: str | Path, out_dir: str | Path, meta: dict) -> Path:
+    """A kernel folder: the notebook (as ``meta['code_file']``) and ``kernel-metadata.json``, both checked."""
+    validate_notebook(notebook)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(notebook, out / meta["code_file"])
+    validate_metadata(meta, out)
+    (out / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def push(folder: str | Path, *, dry_run: bool = False, runner=subprocess.run) -> list[list[str]]:
+    """Push the kernel folder with the official CLI and ask for its status. Returns the commands; with
+    ``dry_run`` only checks the folder and returns them. Needs ``pip install kaggle`` and credentials
+    (``~/.kaggle/kaggle.json`` or ``KAGGLE_USERNAME``/``KAGGLE_KEY``)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    validate_metadata(meta, folder)
+    validate_notebook(folder / meta["code_file"])
+    commands = [["kaggle", "kernels", "push", "-p", str(folder)], ["kaggle", "kernels", "status", meta["id"]]]
+    if dry_run:
+        return commands
+    if shutil.which("kaggle") is None:
+        raise KernelError("the kaggle CLI is not installed: pip install kaggle, then put your API token in "
+                          "~/.kaggle/kaggle.json (or set KAGGLE_USERNAME and KAGGLE_KEY)")
+    for command in commands:
+        runner(command, check=True)
+    print(f"Pushed. Output later with: kaggle kernels output {meta['id']} -p <dir>")
+    return commands
