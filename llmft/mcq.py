@@ -215,6 +215,8 @@ def majority_vote(csv_paths: Sequence[str | os.PathLike], out_path: str | os.Pat
             raise SubmissionError(f"{path} covers different task_ids than {csv_paths[0]}: "
                                   f"{_show(set(series.index) ^ set(ids))}")
     names = {p: Path(p).stem for p in frames}
+    if len(set(names.values())) < len(names):  # e.g. several runs' "submission.csv": name them by folder too
+        names = {p: f"{Path(p).parent.name}/{Path(p).stem}" for p in frames}
     report_rows = []
     for tid in ids:
         answers = {p: frames[p][tid] for p in order}

@@ -150,6 +150,10 @@ def test_majority_vote_with_priority_tie_break(tmp_path):
     votes2, _ = mcq.majority_vote(paths, priority=[paths[2], paths[1], paths[0]])
     assert list(votes2["answer"]) == ["A", "C", "A", "D"]  # phi first now wins the tie on t3
     assert (tmp_path / "vote.csv").read_text().splitlines()[1] == "t1,A"
+    same_names = [mcq.write_submission(["t1"], [letter], tmp_path / run / "submission.csv")
+                  for run, letter in (("run1", "A"), ("run2", "B"))]
+    _, named = mcq.majority_vote(same_names)
+    assert list(named.columns[1:3]) == ["run1/submission", "run2/submission"]
     short = mcq.write_submission(["t1"], ["A"], tmp_path / "short.csv")
     with pytest.raises(mcq.SubmissionError, match="covers different task_ids"):
         mcq.majority_vote([paths[0], short])
