@@ -148,6 +148,7 @@ def build_trainer(
     tensorboard: bool = False,
     weight_decay_ramp: tuple[float, float] | None = None,
     callbacks: list | None = None,
+    distill: DistillConfig | dict | bool | None = None,
     verbose: bool = True,
     **sft_config,
 ):
@@ -179,6 +180,9 @@ def build_trainer(
     "chebyshev_fractal"; options in ``scheduler_options``) or a callable ``(optimizer, num_training_steps)`` returning
     a ``LambdaLR``; ``None`` keeps ``lr_scheduler_type``. Warmup (``warmup_steps``) applies to every schedule.
 
+    ``distill``: a :class:`DistillConfig` (or its fields as a dict, or True for the defaults) adds knowledge
+    distillation from the adapter-disabled model to the loss, against forgetting.
+
     Any other ``trl.SFTConfig`` field can be passed as a keyword (e.g. ``packing=True``).
     """
     options = dict(locals())
@@ -208,8 +212,16 @@ def build_trainer(
         max_length=max_seq_length,
         dataset_text_field="text",
     )
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
+    trainer_class = SFTTrainer
+    if distill:
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("build_trainer(distill=...): the teacher is the model with its LoRA adapter disabled, so "
+                             "the model needs LoRA (llmft.load_model with lora_r set)")
+        trainer_class = _distill_trainer_class(SFTTrainer)
+        trainer_class.llmft_distill = (distill if isinstance(distill, DistillConfig)
+                                       else DistillConfig(**distill) if isinstance(distill, dict) else DistillConfig())
+    trainer = trainer_class(model=model, processing_class=tokenizer, train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
     attach_training_control(trainer, **{k: options[k] for k in CONTROL_OPTIONS})
     if responses_only:
         from unsloth.chat_templates import train_on_responses_only
@@ -218,6 +230,92 @@ def build_trainer(
         trainer = train_on_responses_only(trainer, **parts)
     trainer.llmft_reports = reports
     return trainer
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Knowledge distillation against forgetting (seed 000): the SFT loss plus ``weight`` x KL(teacher || student)
+    on response tokens, the teacher being the same model with its LoRA adapter disabled (the base model: no second
+    model in memory).
+
+    - ``weight``: λ, the KL term's weight (0.3 kept 86% of the Fibonacci probe in our tiny prototype);
+    - ``temperature``: softens both distributions; the KL is scaled by T² so its gradient keeps its size;
+    - ``only_where_teacher_right``: the seed's variant, distil only on tokens the teacher predicts correctly.
+    """
+
+    weight: float = 0.3
+    temperature: float = 1.0
+    only_where_teacher_right: bool = False
+
+    def __post_init__(self):
+        if self.weight < 0 or self.temperature <= 0:
+            raise ValueError(f"DistillConfig(weight={self.weight}, temperature={self.temperature}): need weight >= 0 "
+                             "and temperature > 0")
+
+
+def _response_positions(labels):
+    """Positions whose next token is a response token (causal shift: logits[t] predict labels[t + 1])."""
+    return labels[:, 1:] != -100
+
+
+def kd_loss(student_logits, teacher_logits, labels, temperature: float = 1.0,
+            only_where_teacher_right: bool = False):
+    """Mean over response tokens (labels != -100, shifted as in causal LM training) of
+    T² · KL(softmax(teacher/T) || softmax(student/T)); zero when the student equals the teacher."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = _response_positions(labels)
+    student, teacher = student_logits[:, :-1][mask].float(), teacher_logits[:, :-1][mask].float()
+    if only_where_teacher_right:
+        right = teacher.argmax(dim=-1) == labels[:, 1:][mask]
+        student, teacher = student[right], teacher[right]
+    if student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_student), dim=-1)
+    return kl.mean() * temperature ** 2
+
+
+def _distill_trainer_class(base):
+    """A subclass of the (Unsloth-patched) SFTTrainer whose loss adds the distillation term.
+
+    TRL's own loss goes through a fused LM-head kernel that never materialises the logits, so this loss computes the
+    cross-entropy itself from one student forward pass, on response positions only (a T4 cannot hold fp32 logits of
+    every position of a 128k vocabulary), and runs one more forward pass with the adapter disabled for the teacher.
+    """
+
+    class DistillSFTTrainer(base):
+        llmft_distill: DistillConfig = DistillConfig()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+            import torch.nn.functional as F
+
+            config = self.llmft_distill
+            labels = inputs["labels"]
+            forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            outputs = model(**forward)
+            mask = _response_positions(labels)
+            targets = labels[:, 1:][mask]
+            ce = F.cross_entropy(outputs.logits[:, :-1][mask].float(), targets, reduction="sum")
+            count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
+            loss = ce / count
+            if config.weight > 0:
+                peft_model = self.accelerator.unwrap_model(model)
+                with torch.no_grad(), peft_model.disable_adapter():
+                    teacher_logits = peft_model(**forward).logits
+                kd = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
+                             config.only_where_teacher_right)
+                loss = loss + config.weight * kd
+                metrics = getattr(self, "_metrics", None)
+                if isinstance(metrics, dict):
+                    mode = "train" if model.training else "eval"
+                    metrics.setdefault(mode, {}).setdefault("kd_loss", []).append(kd.detach().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillSFTTrainer
 
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
