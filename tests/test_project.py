@@ -42,21 +42,39 @@ def test_public_api():
 
 
 def test_demo_help_explains_options(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["demo", "--help"])
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for option in ("--max-steps", "--seed", "--output-dir", "--arch"):
-        assert option in out
+    for command, options in (("demo", ("--pretrain-steps", "--mcq-rows", "--seed", "--output-dir")),
+                             ("sft-demo", ("--max-steps", "--seed", "--output-dir", "--arch"))):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        for option in options:
+            assert option in out
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_sft_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--max-steps", "40", "--output-dir", str(out)]) == 0
+    assert main(["sft-demo", "--max-steps", "40", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 40 and results["reloaded_adapters_match"] is True
     assert results["eval_loss_after"] < results["eval_loss_before"] - 1.0
     assert (out / "training_curves.png").stat().st_size > 10_000
     assert (out / "adapters" / "adapter_model.safetensors").exists()
     assert len((out / "generations.md").read_text().splitlines()) == 2 + 4
-    assert main(["demo", "--max-steps", "0", "--output-dir", str(out)]) == 2
+    assert main(["sft-demo", "--max-steps", "0", "--output-dir", str(out)]) == 2
+
+
+def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
+    """The main job's code path end to end with a tiny budget (the full run's numbers are in the issue note)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--pretrain-steps", "20", "--mcq-rows", "16", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results["runs"]] == ["base (no fine-tuning)", "0.2 epoch", "1 epoch", "1 epoch + KD",
+                                                   "1 epoch + Chebyshev"]
+    assert [r["steps"] for r in results["runs"]] == [0, 1, 2, 2, 2]  # 16 rows / batch 8 = 2 steps per epoch
+    assert results["probe_items"] == 117 and all(0 <= r["probe_accuracy"] <= 1 for r in results["runs"])
+    assert [c["step"] for c in results["forgetting_curve"]][0] == 0
+    summary = (out / "summary.md").read_text()
+    assert "headline answer (expected 13)" in summary and len(summary.splitlines()) == 2 + 5
+    for name in ("forgetting_curve.png", "training_curves.png", "forgetting_by_run.png", "probe_answers.csv"):
+        assert (out / name).exists(), name

@@ -1,0 +1,250 @@
+"""The offline demo (``python -m llmft demo``): the seeds' forgetting finding reproduced on a laptop CPU.
+
+1. Build (once, cached) a tiny "pretrained" Llama that knows the Fibonacci sequence: full training on an Alpaca mix of
+   Fibonacci windows, programming Q&A and arithmetic sequences.
+2. Fine-tune it with LoRA through ``build_trainer`` on multiple-choice questions for 0.2 epoch and 1 epoch, 1 epoch
+   with knowledge distillation from the base, and 1 epoch with the Chebyshev schedule (separate runs).
+3. Probe every run with the Fibonacci probe (the seed's headline prompt and 116 other windows), score the MCQ
+   validation set against the majority-letter baseline, and write plots, a JSON and a Markdown summary.
+
+Such a tiny model learns the answer-letter *format*, not programming knowledge: MCQ accuracy is reported next to the
+majority baseline and is not a result about CodeMMLU. What it does show is forgetting, measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from llmft import testing
+from llmft.templates import format_alpaca
+
+ARITHMETIC_INSTRUCTION = "Continue the arithmetic sequence."
+
+
+def pretraining_texts(eos_token: str, seed: int = 0) -> list[str]:
+    """The tiny base's curriculum: every Fibonacci probe window (x3), programming Q&A and arithmetic sequences."""
+    from llmft.probes import FIBONACCI_INSTRUCTION, fibonacci_probe
+
+    rng = random.Random(seed)
+    probe = fibonacci_probe()
+    texts = [format_alpaca(FIBONACCI_INSTRUCTION, window, answer, eos_token)
+             for window, answer in zip(probe.labels, probe.answers)] * 3
+    for topic, answer in testing._TOPICS:
+        texts += [format_alpaca(f"Explain {topic} in one sentence.", response=answer, eos_token=eos_token)] * 8
+    for _ in range(300):
+        start, step, length = rng.randrange(1, 30), rng.randrange(1, 10), rng.randrange(3, 7)
+        terms = [start + step * k for k in range(length + 1)]
+        texts.append(format_alpaca(ARITHMETIC_INSTRUCTION, ", ".join(map(str, terms[:-1])), str(terms[-1]), eos_token))
+    rng.shuffle(texts)
+    return texts
+
+
+def pretrained_base(steps: int = 600, seed: int = 0, verbose: bool = True) -> Path:
+    """Directory of the tiny base (hidden 128, 4 layers) after full training on :func:`pretraining_texts`, cached
+    like the other test assets (built once, about two minutes on 2 CPU cores for 600 steps)."""
+    import llmft
+    from datasets import Dataset
+
+    def build(tmp: Path) -> None:
+        start = time.time()
+        model, tokenizer = llmft.load_model(str(testing.tiny_model_dir("llama", hidden_size=128, num_layers=4)),
+                                            max_seq_length=256, lora_r=None, load_in_4bit=False,
+                                            full_finetuning=True, seed=seed)
+        texts = Dataset.from_dict({"text": pretraining_texts(tokenizer.eos_token, seed)})
+        trainer = llmft.build_trainer(
+            model, tokenizer, texts, output_dir=str(tmp / "_run"), max_steps=steps, per_device_train_batch_size=32,
+            gradient_accumulation_steps=1, learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine",
+            weight_decay=0.0, instruction_part="### Instruction:\n", response_part="### Response:\n",
+            save_strategy="no", metrics_csv=False, seed=seed, verbose=False, disable_tqdm=not verbose)
+        trainer.train()
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        import shutil
+
+        shutil.rmtree(tmp / "_run", ignore_errors=True)
+        (tmp / "pretraining.json").write_text(json.dumps({"steps": steps, "seconds": round(time.time() - start, 1)}))
+
+    target = testing._spec_dir("pretrained-fibonacci", {"steps": steps, "seed": seed, "v": 1})
+    if verbose and not (target / ".complete").exists():
+        print(f"building the tiny pretrained base ({steps} full-training steps, cached in {target})")
+    return testing._build_atomically(target, build)
+
+
+CURVE_RUN = "1 epoch"  # the run whose checkpoints are probed for the forgetting curve
+# LoRA runs use a 16-bit base: on a CPU, Unsloth's 4-bit path is several times slower per step for this tiny model,
+# and the demo must fit in minutes (the 4-bit path is what the test suite exercises).
+LOAD_IN_4BIT = False
+RUNS = (
+    ("0.2 epoch", dict(num_train_epochs=0.2)),
+    ("1 epoch", dict(num_train_epochs=1.0)),
+    ("1 epoch + KD", dict(num_train_epochs=1.0, distill={"weight": 0.3})),
+    ("1 epoch + Chebyshev", dict(num_train_epochs=1.0, scheduler="chebyshev")),
+)
+
+
+def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int = 600, mcq_rows: int = 1000,
+                        seed: int = 3407, learning_rate: float = 2e-3, batch_size: int = 8,
+                        runs=RUNS, verbose: bool = True) -> dict:
+    """The main job: see the module docstring. Returns the results written to ``output_dir/results.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import llmft
+    import pandas as pd
+    from llmft import mcq, plots, probes, templates
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    base_dir = pretrained_base(pretrain_steps, verbose=verbose)
+    probe = probes.fibonacci_probe()
+
+    print("[1/4] probing the pretrained base")
+    model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
+                                        load_in_4bit=LOAD_IN_4BIT)
+    with model.disable_adapter():
+        base_probe = probes.run_probe(model, tokenizer, probe, model_name="base", progress=verbose)
+    rows = llmft.mcq_rows(testing.tiny_codemmlu(mcq_rows, seed=seed), eos_token=tokenizer.eos_token, verbose=False)
+    val = llmft.mcq_rows(testing.tiny_codemmlu(100, seed=seed + 1), eos_token=tokenizer.eos_token, verbose=False)
+    baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
+    with model.disable_adapter():
+        base_mcq = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
+    results = {"probe_items": len(probe.prompts), "mcq_train_rows": len(rows), "mcq_val_rows": len(val),
+               "majority_baseline": {"letter": baseline_letter, "accuracy": baseline}, "runs": []}
+    results["runs"].append({
+        "run": "base (no fine-tuning)", "steps": 0,
+        "probe_accuracy": float(base_probe["correct"].mean()), "headline_answer": base_probe.loc[0, "answer"],
+        "mcq_accuracy": float((base_mcq["prediction"] == list(val["answer"])).mean()), "train_seconds": 0.0})
+
+    tables = [base_probe.assign(run="base")]
+    curve_run = None
+    for index, (name, options) in enumerate(runs):
+        print(f"[2/4] run {index + 1}/{len(runs)}: LoRA on MCQ, {name}")
+        if index:
+            model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
+                                                load_in_4bit=LOAD_IN_4BIT)
+        run_dir = out / "runs" / name.replace(" ", "_").replace("+", "plus").replace(".", "p")
+        curve = name == CURVE_RUN  # only this run evaluates and keeps checkpoints: the others just train
+        steps_per_epoch = -(-len(rows) // batch_size)
+        trainer = llmft.build_trainer(
+            model, tokenizer, rows.select_columns(["text"]), val.select_columns(["text"]) if curve else None,
+            output_dir=str(run_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+            learning_rate=learning_rate, warmup_steps=5, instruction_part=templates.MCQ_INSTRUCTION_PART,
+            response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None, save_total_limit=None,
+            eval_steps=max(1, steps_per_epoch // 5), save_strategy="steps" if curve else "no", seed=seed,
+            verbose=False, disable_tqdm=not verbose, **options)
+        t0 = time.time()
+        stats = llmft.train(trainer, resume=False)
+        seconds = time.time() - t0
+        table = probes.run_probe(model, tokenizer, probe, model_name=name, progress=verbose)
+        scores = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
+        results["runs"].append({
+            "run": name, "steps": stats.global_step, "probe_accuracy": float(table["correct"].mean()),
+            "headline_answer": table.loc[0, "answer"],
+            "mcq_accuracy": float((scores["prediction"] == list(val["answer"])).mean()),
+            "train_seconds": round(seconds, 1)})
+        tables.append(table.assign(run=name))
+        if curve:
+            curve_run = (run_dir, model, tokenizer)
+
+    print("[3/4] forgetting curve across the 1-epoch run's checkpoints")
+    figures = {}
+    if curve_run is not None:
+        run_dir, model, tokenizer = curve_run
+        curve = probes.probe_checkpoints(model, tokenizer, probe, run_dir)
+        results["forgetting_curve"] = [
+            {"step": int(s), "probe_accuracy": float(g["correct"].mean()),
+             "headline_answer": g.loc[g["item"] == 0, "answer"].iloc[0]} for s, g in curve.groupby("step")]
+        probes.plot_forgetting(curve, run_dir, path=out / "forgetting_curve.png",
+                               title="Fibonacci probe during 1 epoch of MCQ fine-tuning")
+        plots.plot_training(run_dir, out / "training_curves.png", title="1 epoch")
+        figures = {"forgetting_curve": str(out / "forgetting_curve.png"),
+                   "training_curves": str(out / "training_curves.png")}
+
+    print("[4/4] summary")
+    summary = pd.DataFrame(results["runs"])
+    fig = _plot_runs(summary, baseline)
+    fig.savefig(out / "forgetting_by_run.png", dpi=110)
+    figures["forgetting_by_run"] = str(out / "forgetting_by_run.png")
+    pd.concat(tables).to_csv(out / "probe_answers.csv", index=False)
+    results.update(seconds=round(time.time() - started, 1), figures=figures,
+                   probe_answers=str(out / "probe_answers.csv"))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table_md = _summary_markdown(summary, baseline_letter, baseline, len(probe.prompts))
+    (out / "summary.md").write_text(table_md)
+    print(table_md)
+    print(f"done in {results['seconds']} s; results in {out}")
+    return results
+
+
+def _plot_runs(summary, baseline: float):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(summary))
+    ax.bar([i - 0.2 for i in x], summary["probe_accuracy"], width=0.4, label="Fibonacci probe accuracy")
+    ax.bar([i + 0.2 for i in x], summary["mcq_accuracy"], width=0.4, label="MCQ accuracy")
+    ax.axhline(baseline, color="gray", linestyle="--", label="MCQ majority baseline")
+    ax.set_xticks(list(x), summary["run"], rotation=15)
+    ax.set(ylim=(0, 1.05), title="What fine-tuning on MCQ costs: probe vs task")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _summary_markdown(summary, letter: str, baseline: float, n_items: int) -> str:
+    lines = [f"| run | steps | Fibonacci probe ({n_items} items) | headline answer (expected 13) | "
+             f"MCQ accuracy (majority '{letter}': {baseline:.2f}) | train time (s) |", "|---|---|---|---|---|---|"]
+    for r in summary.to_dict("records"):
+        lines.append(f"| {r['run']} | {r['steps']} | {r['probe_accuracy']:.2f} | {r['headline_answer']!r} | "
+                     f"{r['mcq_accuracy']:.2f} | {r['train_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sft_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
+    """The foundation demo: offline end-to-end SFT on FineTome-shaped chat data (train, evaluate, save and reload
+    adapters, generate)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import llmft
+    from llmft import plots
+
+    prompts_text = ["What is the capital of France?", "What is 12 plus 7?", "Explain recursion in one sentence.",
+                    "Write a short poem about the color green."]
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, tokenizer = llmft.load_model(str(testing.tiny_model_dir(arch)), max_seq_length=256, lora_r=16,
+                                        lora_alpha=32, seed=seed)
+    chats = llmft.sharegpt_to_messages(testing.tiny_finetome(160, seed=seed))
+    train, held_out = chats.select(range(128)), chats.select(range(128, 160))
+    prompts = [[{"role": "user", "content": p}] for p in prompts_text]
+    before = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24)
+    trainer = llmft.build_trainer(model, tokenizer, train, held_out, output_dir=str(out / "run"),
+                                  max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                  learning_rate=1e-2, warmup_steps=5, eval_steps=max(1, max_steps // 8), seed=seed,
+                                  save_total_limit=1)
+    eval_before = trainer.evaluate()["eval_loss"]
+    train_result = trainer.train()
+    eval_after = trainer.evaluate()["eval_loss"]
+    after = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24)
+    adapter_dir = llmft.save_adapters(model, tokenizer, out / "adapters")
+    reloaded, reloaded_tok = llmft.load_model(str(adapter_dir), max_seq_length=256)
+    after_reload = llmft.generate_batch(reloaded, reloaded_tok, prompts, max_new_tokens=24)
+    plots.plot_training(out / "run", out / "training_curves.png", title="Demo SFT")
+    results = {
+        "model": f"tiny {arch} (llmft.testing), 4-bit, LoRA r=16", "train_rows": len(train),
+        "eval_rows": len(held_out), "steps": train_result.global_step, "eval_loss_before": round(eval_before, 4),
+        "eval_loss_after": round(eval_after, 4), "train_loss": round(train_result.training_loss, 4),
+        "reloaded_adapters_match": after_reload == after, "seconds": round(time.time() - started, 1),
+        "generations": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts_text, before, after)],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| prompt | before | after SFT |", "|---|---|---|"]
+    lines += [f"| {g['prompt']} | {g['before']!r} | {g['after']!r} |" for g in results["generations"]]
+    (out / "generations.md").write_text("\n".join(lines) + "\n")
+    print(f"eval loss {eval_before:.3f} -> {eval_after:.3f} after {train_result.global_step} steps; reloaded adapters "
+          f"identical: {results['reloaded_adapters_match']}; results in {out}")
+    return results
