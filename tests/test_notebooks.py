@@ -14,7 +14,8 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 def test_there_are_numbered_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert names[:3] == ["01_sft.ipynb", "02_dpo.ipynb", "03_evaluation.ipynb"] and "05_codemmlu_kaggle.ipynb" in names
+    assert names == ["01_sft.ipynb", "02_dpo.ipynb", "03_evaluation.ipynb", "04_fibonacci_forgetting_probe.ipynb",
+                     "05_codemmlu_kaggle.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
