@@ -101,6 +101,14 @@ def test_distillation_uses_the_adapter_disabled_model_as_teacher(lora_model, cha
         student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with model.disable_adapter():
             teacher = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert trainers.kd_loss(student, teacher, batch["labels"]).item() > 0
+    kd_by_hand = trainers.kd_loss(student, teacher, batch["labels"])
+    assert kd_by_hand.item() > 0
+    # and the trainer's loss is exactly CE + 0.5 x that KL: its teacher is the adapter-disabled model
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    ce = torch.nn.functional.cross_entropy(student[:, :-1][mask].float(), targets[mask])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+    assert loss.item() == pytest.approx(ce.item() + 0.5 * kd_by_hand.item(), rel=1e-5)
     with pytest.raises(ValueError, match="DistillConfig"):
         trainers.DistillConfig(weight=-1)
