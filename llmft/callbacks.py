@@ -219,6 +219,7 @@ class BestCheckpoint(TrainerCallback, ExportableState):
         try:
             # A card written first says what this checkpoint is (and spares PEFT compiling its card template).
             (tmp / "README.md").write_text(
+                "---\nlibrary_name: peft\n---\n"  # the metadata block PEFT's card loader expects
                 f"# Best checkpoint by {self.rule.metric}\n\nstep {state.global_step}: {self.rule.metric} = {value:.6g} "
                 f"({'higher' if self.rule.greater_is_better else 'lower'} is better). Written by llmft.BestCheckpoint; "
                 "reload with `llmft.load_model(<this directory>)`.\n")
