@@ -155,9 +155,10 @@ def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int =
     if curve_run is not None:
         run_dir, model, tokenizer = curve_run
         curve = probes.probe_checkpoints(model, tokenizer, probe, run_dir)
+        by_step = probes.accuracy_by(curve, "step")
         results["forgetting_curve"] = [
-            {"step": int(s), "probe_accuracy": float(g["correct"].mean()),
-             "headline_answer": g.loc[g["item"] == 0, "answer"].iloc[0]} for s, g in curve.groupby("step")]
+            {"step": int(step), "probe_accuracy": float(row.probe_accuracy), "headline_answer": row.headline_answer}
+            for step, row in by_step.iterrows()]
         probes.plot_forgetting(curve, run_dir, path=out / "forgetting_curve.png",
                                title="Fibonacci probe during 1 epoch of MCQ fine-tuning")
         plots.plot_training(run_dir, out / "training_curves.png", title="1 epoch")

@@ -52,8 +52,7 @@ class Probe:
     prompts: list
     answers: list[str]
     labels: list[str] = field(default_factory=list)
-    scorer: Callable[[str, str], bool] = exact_match
-    headline: int = 0  # index of the item reported on its own
+    scorer: Callable[[str, str], bool] = exact_match  # the first item is the headline, reported on its own
 
     def __post_init__(self):
         if len(self.prompts) != len(self.answers):
