@@ -72,3 +72,22 @@ def import_unsloth():
     except Exception as exc:  # noqa: BLE001 - rewrap with what to do
         raise ImportError(f"Importing Unsloth {version} failed: {exc}. {INSTALL_HINT}") from exc
     return sys.modules["unsloth"]
+
+
+def pin_cpu_precision(bf16: bool = False, threads: int | None = 2) -> dict:
+    """Make a CPU run give the same numbers on every x86 machine: Unsloth's CPU mode computes in bf16 where the CPU
+    has native bf16 (AMX / AVX512-BF16) and in fp32 elsewhere, and float sums depend on the thread count. This sets
+    ``UNSLOTH_CPU_BF16`` (read by Unsloth when it picks a dtype, so call it before loading a model) and the torch
+    thread count. No effect on a GPU. Returns what was pinned, for a run's summary."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda"}
+    os.environ["UNSLOTH_CPU_BF16"] = "1" if bf16 else "0"
+    import_unsloth()
+    from unsloth_zoo.cpu import runtime
+
+    runtime.cpu_bf16_supported.cache_clear()  # Unsloth caches the answer; it re-reads the variable after this
+    if threads:
+        torch.set_num_threads(threads)
+    return {"device": "cpu", "compute_dtype": "bfloat16" if bf16 else "float32", "threads": torch.get_num_threads()}

@@ -57,6 +57,24 @@ def _write_json_atomically(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
+TOKEN_COUNTERS = ("num_tokens",)  # cumulative counters TRL keeps in memory only (lost on resume)
+
+
+def _totals_before(rows: list[dict]) -> tuple[float, dict[str, float]]:
+    """From the train rows kept at a resume: the summed training loss (each logged loss is a mean over the steps
+    since the previous log) and the last value of each cumulative token counter."""
+    loss_sum, previous, tokens = 0.0, 0, {}
+    for row in sorted((r for r in rows if r.get("event") == "train"), key=lambda r: int(float(r["step"]))):
+        step = int(float(row["step"]))
+        if row.get("loss") not in (None, ""):
+            loss_sum += float(row["loss"]) * (step - previous)
+            previous = step
+        for key in TOKEN_COUNTERS:
+            if row.get(key) not in (None, ""):
+                tokens[key] = float(row[key])
+    return loss_sum, tokens
+
+
 class _Improvement:
     """Shared rule: is ``value`` better than ``best`` by more than ``min_delta`` in the metric's direction?"""
 
@@ -96,6 +114,10 @@ class MetricsLogger(TrainerCallback):
         self.tensorboard = tensorboard
         self._columns: list[str] | None = None
         self._writer = None
+        # After a resume, transformers' end-of-training train_loss only sums the losses of the resumed part (divided
+        # by all steps), and TRL's num_tokens restarts from zero: both are corrected from the rows already logged.
+        self._loss_before_resume = 0.0
+        self._tokens_before_resume: dict[str, float] = {}
 
     def _read(self) -> tuple[list[str], list[dict]]:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -126,6 +148,7 @@ class MetricsLogger(TrainerCallback):
                 print(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows "
                       "logged after that checkpoint (they will be logged again)")
         self._rewrite(columns or list(CORE_COLUMNS), kept)
+        self._loss_before_resume, self._tokens_before_resume = _totals_before(kept)
         if self.tensorboard and self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -139,6 +162,7 @@ class MetricsLogger(TrainerCallback):
                "event": ("summary" if "train_runtime" in logs
                          else "eval" if any(k.startswith("eval_") for k in logs) else "train"),
                "gpu_mem_reserved_gb": round(reserved, 4), "gpu_mem_allocated_gb": round(allocated, 4)}
+        self._carry_over_resumed_totals(logs, state)
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")})
         if self._columns is None:
             self._columns = self._read()[0] or list(CORE_COLUMNS)
@@ -153,6 +177,14 @@ class MetricsLogger(TrainerCallback):
             for key, value in row.items():
                 if key not in ("step", "epoch", "event"):
                     self._writer.add_scalar(key, value, state.global_step)
+
+    def _carry_over_resumed_totals(self, logs: dict, state) -> None:
+        """Correct, in the logs every later callback sees, the totals a resumed trainer restarts from zero."""
+        for key, before in self._tokens_before_resume.items():
+            if isinstance(logs.get(key), (int, float)):
+                logs[key] = logs[key] + before
+        if "train_loss" in logs and self._loss_before_resume and state.global_step:
+            logs["train_loss"] = logs["train_loss"] + self._loss_before_resume / state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._writer is not None:
@@ -349,6 +381,37 @@ class WeightDecayRamp(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs["weight_decay"] = self.current
+
+
+class KeepAdapterDtype(TrainerCallback):
+    """Keep trainable (LoRA) weights in the dtype training started with, across a resume.
+
+    TRL casts QLoRA adapters to bf16 when it builds the trainer (on a T4, and in Unsloth's CPU mode on bf16 CPUs), so
+    checkpoints hold bf16 adapters; resuming, PEFT's ``load_adapter`` upcasts them to float32, and the resumed run
+    would train (and save) in another precision than the uninterrupted one. At the start of training this casts
+    them back, with the optimizer state loaded for them, so a resumed run is the uninterrupted run.
+    """
+
+    def __init__(self, model):
+        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            return
+        changed = {}
+        for name, param in model.named_parameters():
+            want = self.dtypes.get(name)
+            if want is not None and param.dtype != want:
+                param.data = param.data.to(want)
+                changed[id(param)] = want
+        if not changed or optimizer is None:
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in changed:
+                    for key, value in optimizer.state.get(param, {}).items():
+                        if key != "step" and hasattr(value, "is_floating_point") and value.is_floating_point():
+                            optimizer.state[param][key] = value.to(changed[id(param)])
 
 
 def find_callback(trainer, kind: type):

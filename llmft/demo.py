@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from llmft import testing
+from llmft._unsloth import pin_cpu_precision
 from llmft.templates import format_alpaca
 
 ARITHMETIC_INSTRUCTION = "Continue the arithmetic sequence."
@@ -99,6 +100,8 @@ def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int =
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    # Same numbers on bf16 and fp32 CPUs: fp32 is not slower for models this small (GUIDE §7), 2 threads as CI has.
+    pinned = pin_cpu_precision(bf16=False, threads=2)
     base_dir = pretrained_base(pretrain_steps, verbose=verbose)
     probe = probes.fibonacci_probe()
 
@@ -112,7 +115,8 @@ def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int =
     baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
     with model.disable_adapter():
         base_mcq = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
-    results = {"probe_items": len(probe.prompts), "mcq_train_rows": len(rows), "mcq_val_rows": len(val),
+    results = {"precision": pinned, "probe_items": len(probe.prompts), "mcq_train_rows": len(rows),
+               "mcq_val_rows": len(val),
                "majority_baseline": {"letter": baseline_letter, "accuracy": baseline}, "runs": []}
     results["runs"].append({
         "run": "base (no fine-tuning)", "steps": 0,
@@ -174,7 +178,7 @@ def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int =
     results.update(seconds=round(time.time() - started, 1), figures=figures,
                    probe_answers=str(out / "probe_answers.csv"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table_md = _summary_markdown(summary, baseline_letter, baseline, len(probe.prompts))
+    table_md = _summary_markdown(summary, baseline_letter, baseline, len(probe.prompts), pinned)
     (out / "summary.md").write_text(table_md)
     print(table_md)
     print(f"done in {results['seconds']} s; results in {out}")
@@ -196,8 +200,11 @@ def _plot_runs(summary, baseline: float):
     return fig
 
 
-def _summary_markdown(summary, letter: str, baseline: float, n_items: int) -> str:
-    lines = [f"| run | steps | Fibonacci probe ({n_items} items) | headline answer (expected 13) | "
+def _summary_markdown(summary, letter: str, baseline: float, n_items: int, pinned: dict) -> str:
+    precision = (f"Computed in {pinned['compute_dtype']} with {pinned['threads']} CPU threads, pinned so that bf16 and "
+                 "fp32 CPUs give the same numbers (CPUs with other instruction sets may still differ slightly).\n\n"
+                 if pinned.get("device") == "cpu" else "Computed on a GPU.\n\n")
+    lines = [precision + f"| run | steps | Fibonacci probe ({n_items} items) | headline answer (expected 13) | "
              f"MCQ accuracy (majority '{letter}': {baseline:.2f}) | train time (s) |", "|---|---|---|---|---|---|"]
     for r in summary.to_dict("records"):
         lines.append(f"| {r['run']} | {r['steps']} | {r['probe_accuracy']:.2f} | {r['headline_answer']!r} | "
@@ -217,6 +224,7 @@ def run_sft_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    pin_cpu_precision(bf16=False, threads=2)
     model, tokenizer = llmft.load_model(str(testing.tiny_model_dir(arch)), max_seq_length=256, lora_r=16,
                                         lora_alpha=32, seed=seed)
     chats = llmft.sharegpt_to_messages(testing.tiny_finetome(160, seed=seed))

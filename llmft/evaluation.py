@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from llmft.data import DataError, DataReport
+from llmft.models import restore_saved_adapter_dtype
 
 METRIC_NAMES = ("bleu", "rouge", "bertscore")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -234,6 +235,8 @@ def generate_by_model(model, tokenizer, prompts, adapters: dict | None = None, *
             adapter_name = f"llmft_{name}"
             if adapter_name not in model.peft_config:
                 model.load_adapter(path, adapter_name=adapter_name)
+                # in the dtype it was saved in: the same greedy answers as the model that was saved
+                restore_saved_adapter_dtype(model, path, adapter_name)
             model.set_adapter(adapter_name)
             answers[name] = generate_cached(model, tokenizer, prompts, f"{name}-{Path(path).resolve()}", **settings)
     finally:

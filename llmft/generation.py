@@ -42,7 +42,8 @@ def inference_mode(model):
 
 
 def _sampling_kwargs(do_sample: bool, temperature: float | None, min_p: float | None, tokenizer) -> dict:
-    kwargs = {"do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # 0 is a pad id
+    kwargs = {"do_sample": do_sample, "pad_token_id": pad}
     if do_sample:
         if temperature is not None:
             kwargs["temperature"] = temperature

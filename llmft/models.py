@@ -140,7 +140,7 @@ def load_model(
             random_state=seed,
         )
     if adapter_dir:
-        _restore_saved_adapter_dtype(model, model_name)
+        restore_saved_adapter_dtype(model, model_name)
     if chat_template is not None:
         from llmft.templates import apply_chat_template
 
@@ -148,12 +148,14 @@ def load_model(
     return model, tokenizer
 
 
-def _restore_saved_adapter_dtype(model, adapter_dir: str) -> None:
-    """Keep reloaded adapters in the dtype they were saved in.
+def restore_saved_adapter_dtype(model, adapter_dir: str, adapter_name: str | None = None) -> None:
+    """Keep reloaded adapters in the dtype they were saved in (only adapter ``adapter_name`` when given).
 
     TRL casts QLoRA adapter weights to bf16 when it builds a trainer (QLoRA paper recipe), so trained adapters are
-    saved in bf16; PEFT upcasts them to float32 on load. Same values, different compute precision: greedy generations
-    of the reloaded model could differ from the model that was saved. Casting back makes the reload exact.
+    saved in bf16; PEFT upcasts them to float32 on load. An untrained fp32 adapter on a bf16 base is the reverse:
+    PEFT's ``load_adapter(autocast_adapter_dtype=False)`` creates it in bf16. Same values, different compute
+    precision: greedy generations of the reloaded model could differ from the model that was saved. Casting to the
+    saved dtype makes the reload exact.
     """
     from safetensors import safe_open
 
@@ -171,7 +173,7 @@ def _restore_saved_adapter_dtype(model, adapter_dir: str) -> None:
     if saved is None:
         return
     for name, param in model.named_parameters():
-        if "lora_" in name and param.dtype != saved:
+        if "lora_" in name and param.dtype != saved and (adapter_name is None or f".{adapter_name}." in name + "."):
             param.data = param.data.to(saved)
 
 

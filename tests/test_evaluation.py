@@ -135,7 +135,10 @@ def test_compare_models_table_plot_and_cache(lora_model, tmp_path, monkeypatch):
                 if "lora_B.default" in pname:
                     param.normal_(0, 0.4, generator=torch.Generator().manual_seed(seed * 100 + len(pname)))
         dirs[name] = str(llmft.save_adapters(model, tokenizer, tmp_path / name))
-        expected_answers = llmft.generate_batch(model, tokenizer, CHAT_PROMPTS, max_new_tokens=8, progress=False)
+        # the same batches as compare_models below (batch_size=3): a random model's near-ties make greedy text depend
+        # on padding in bf16; what is compared here is which adapter answered
+        expected_answers = llmft.generate_batch(model, tokenizer, CHAT_PROMPTS, max_new_tokens=8, batch_size=3,
+                                                progress=False)
         dirs[name + "_answers"] = expected_answers
     refs = ["The capital of France is Paris.", "3 plus 4 is 7.", "LoRA trains small matrices.", "Blue is calm."]
     options = dict(cache_dir=tmp_path / "cache", max_new_tokens=8, batch_size=3,
@@ -148,7 +151,7 @@ def test_compare_models_table_plot_and_cache(lora_model, tmp_path, monkeypatch):
     assert answers["SFT"] == dirs["SFT_answers"] and answers["DPO"] == dirs["DPO_answers"]
     with model.disable_adapter():
         assert answers["base"] == llmft.generate_batch(model, tokenizer, CHAT_PROMPTS, max_new_tokens=8,
-                                                       progress=False)
+                                                       batch_size=3, progress=False)
     assert table.loc["SFT", "BLEU"] == pytest.approx(ev.bleu(answers["SFT"], refs)["bleu"])
     assert len(fig.axes[0].patches) == 3 * 8
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3

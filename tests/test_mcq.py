@@ -9,6 +9,8 @@ from datasets import Dataset
 import llmft
 from llmft import data, mcq, templates, testing
 
+from conftest import TOL
+
 
 class _Rows(list):
     @property
@@ -89,8 +91,14 @@ def test_constrained_scoring_matches_a_direct_computation(lora_model, mcq_data):
             logprobs = torch.log_softmax(model(**ids).logits[0, -1].float(), dim=-1)
         direct = [logprobs[tokenizer(" " + letter, add_special_tokens=False)["input_ids"][0]].item()
                   for letter in "ABCD"[:k]]
-        assert [scores.loc[i, f"logprob_{letter}"] for letter in "ABCD"[:k]] == pytest.approx(direct, abs=1e-4)
-        assert scores.loc[i, "prediction"] == "ABCD"[max(range(k), key=lambda j: direct[j])]
+        # batched (left-padded) vs one prompt alone: equal up to the compute dtype's rounding (bf16: ~1e-2)
+        batched = [scores.loc[i, f"logprob_{letter}"] for letter in "ABCD"[:k]]
+        assert batched == pytest.approx(direct, **TOL)
+        best = max(range(k), key=lambda j: direct[j])
+        margin = direct[best] - max([v for j, v in enumerate(direct) if j != best], default=-math.inf)
+        if margin > 2 * TOL["abs"]:  # a near-tie may flip within rounding; a clear winner may not
+            assert scores.loc[i, "prediction"] == "ABCD"[best]
+        assert scores.loc[i, "prediction"] == "ABCD"[max(range(k), key=lambda j: batched[j])]
         assert all(math.isnan(scores.loc[i, f"logprob_{letter}"]) for letter in "ABCD"[k:])
 
 

@@ -20,8 +20,10 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     demo, tests = commands
     assert "python -m llmft demo" in demo and "scripts/install.sh" in demo
-    assert "pytest" in tests and "scripts/install.sh --dev" in tests
+    assert "scripts/test.sh" in tests and "scripts/install.sh --dev" in tests
     assert tests in (REPO / ".ci" / "run").read_text()
+    runner = (REPO / "scripts" / "test.sh").read_text()
+    assert "for bf16 in 0 1" in runner and "UNSLOTH_CPU_BF16=$bf16 python -m pytest" in runner  # both precisions
 
 
 def test_one_pinned_stack():
