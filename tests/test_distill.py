@@ -40,12 +40,12 @@ def test_kd_loss_sum_and_mean_share_one_token_count():
 
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
-    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])  # 4 response positions after the shift
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])  # 5 response positions after the shift
     total = trainers.kd_loss(student, teacher, labels, reduction="sum")
-    assert trainers.kd_loss(student, teacher, labels).item() == pytest.approx(total.item() / 4)
+    assert trainers.kd_loss(student, teacher, labels).item() == pytest.approx(total.item() / 5)
     # tokens the teacher gets wrong add 0 but still count, as in the cross-entropy's token count
     right_only = trainers.kd_loss(student, teacher, labels, only_where_teacher_right=True, reduction="sum")
     assert trainers.kd_loss(student, teacher, labels, only_where_teacher_right=True).item() == pytest.approx(
-        right_only.item() / 4)
+        right_only.item() / 5)
     with pytest.raises(ValueError, match="reduction='none'"):
         trainers.kd_loss(student, teacher, labels, reduction="none")
