@@ -328,7 +328,8 @@ def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = No
     without parent) with its best-ranked assistant reply (``rank == 0``) as the reference.
 
     Deleted messages are ignored; trees in other languages (``lang=None`` keeps all), roots without a rank-0 reply and
-    orphan rows are counted in the report, never dropped silently. ``max_pairs`` takes a deterministic random sample
+    orphan replies (whose parent is deleted, or missing from the rows given) are counted in the report, never dropped
+    silently. ``max_pairs`` takes a deterministic random sample
     (``seed``). Returns a dataset with ``prompt``, ``reference``, ``message_tree_id``, ``lang``.
     """
     from datasets import Dataset
@@ -339,10 +340,11 @@ def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = No
         raise DataError(f"oasst1_pairs: no column(s) {missing}; oasst1 rows have {needed} (+ lang, deleted, ...)")
     report = DataReport("oasst1_pairs", rows_in=len(dataset))
     rows = list(dataset)
-    alive = {}
+    alive, deleted = {}, set()
     for i, row in enumerate(rows):
         if row.get("deleted"):
             report.skip("deleted message", i)
+            deleted.add(row["message_id"])
             continue
         if row["role"] not in ("prompter", "assistant"):
             raise DataError(f"row {i}, field 'role': expected 'prompter' or 'assistant', got {row['role']!r}")
@@ -350,8 +352,9 @@ def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = No
     children: dict[str, list[tuple[int, dict]]] = {}
     for message_id, (i, row) in alive.items():
         parent = row["parent_id"]
-        if parent is not None and parent not in alive:
-            continue  # below a deleted or missing message; its subtree is not a root conversation
+        if parent is not None and parent not in alive:  # its subtree is not a root conversation
+            report.skip("orphan: parent deleted" if parent in deleted else "orphan: parent not in the rows", i)
+            continue
         children.setdefault(parent, []).append((i, row))
     pairs = []
     for i, root in sorted(children.get(None, []), key=lambda item: item[1]["message_id"]):

@@ -305,11 +305,14 @@ def test_oasst1_pairs_on_a_hand_made_forest():
         _message("D1", "D", "assistant", "only rank 1 left", rank=1, tree="D"),
         _message("E", None, "prompter", "Question E"),
         _message("E0", "E", "assistant", "best answer E", rank=0, tree="E"),
+        _message("F1", "F", "assistant", "reply to a prompt not in the rows", rank=0, tree="F"),
     ]
     pairs, report = ev.oasst1_pairs(Dataset.from_list(rows), return_report=True, verbose=False)
     assert [(p["prompt"], p["reference"]) for p in pairs] == [("Question A", "best answer A"),
                                                               ("Question E", "best answer E")]
-    assert report.skipped == {"deleted message": [3, 8, 11], "language is not 'en'": [6],
+    # orphans are counted (before: rows 9 and 15 appeared nowhere in the report)
+    assert report.skipped == {"deleted message": [3, 8, 11], "orphan: parent deleted": [9],
+                              "orphan: parent not in the rows": [15], "language is not 'en'": [6],
                               "no rank-0 assistant reply": [10]}
     everything = ev.oasst1_pairs(Dataset.from_list(rows), lang=None, verbose=False)
     assert "Pregunta B" in everything["prompt"]
