@@ -43,9 +43,15 @@ class DataReport:
     overlong: list[int] = field(default_factory=list)
     max_seq_length: int | None = None
     unit: str = "rows"  # what the skipped identifiers are: row indices, or e.g. task_ids
+    # parts removed from rows that were kept (e.g. empty system turns), per reason, with the row of each
+    dropped: "OrderedDict[str, list[int]]" = field(default_factory=OrderedDict)
 
     def skip(self, reason: str, index: int) -> None:
         self.skipped.setdefault(reason, []).append(index)
+
+    def drop(self, reason: str, index: int) -> None:
+        """Count a part (a turn, a field) removed from row ``index``, which itself is kept."""
+        self.dropped.setdefault(reason, []).append(index)
 
     @property
     def n_skipped(self) -> int:
@@ -56,6 +62,9 @@ class DataReport:
         for reason, idx in self.skipped.items():
             shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
             lines.append(f"  skipped {len(idx)} ({reason}): {self.unit} {shown}")
+        for reason, idx in self.dropped.items():
+            shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+            lines.append(f"  dropped {len(idx)} {reason} (the rows are kept): {self.unit} {shown}")
         if self.max_seq_length is not None:
             shown = ", ".join(map(str, self.overlong[:10])) + (", ..." if len(self.overlong) > 10 else "")
             lines.append(f"  {len(self.overlong)} longer than max_seq_length={self.max_seq_length} tokens"
@@ -90,8 +99,12 @@ def sharegpt_to_messages(dataset, *, column: str = "conversations", verbose: boo
     """ShareGPT/FineTome rows (``conversations`` = list of ``{from, value}``) → a dataset with one ``messages``
     column of ``{role, content}`` turns, ready for ``build_trainer``.
 
-    Raises :class:`DataError` for a malformed row (not a list, a turn without ``from``/``value``, an unknown
-    speaker, a non-string value). Skips and reports rows with no assistant turn or an empty turn.
+    Turns may be ShareGPT ``{from, value}`` or chat ``{role, content}``, mixed within one dataset (Arrow then gives
+    every turn all four keys, the absent ones None: a key holding None counts as absent). Raises :class:`DataError`
+    for a malformed row (not a list, a turn without a speaker or a text, an unknown speaker, a non-string value).
+    An empty system turn (``{"from": "system", "value": ""}``, common in SlimOrca-style data) is dropped from its
+    row, which is kept; such drops are counted in the report. Skips and reports rows with no assistant turn or an
+    empty user/assistant turn.
     """
     _require_columns(dataset, [column], "sharegpt_to_messages",
                      "Pass column=<name> if the turns live elsewhere (FineTome-100k uses 'conversations').")
@@ -107,18 +120,24 @@ def sharegpt_to_messages(dataset, *, column: str = "conversations", verbose: boo
             where = f"row {i}, field '{column}[{j}]'"
             if not isinstance(turn, dict):
                 raise DataError(f"{where}: expected a dict with 'from' and 'value', got {type(turn).__name__}")
-            speaker = turn.get("from", turn.get("role"))
-            text = turn.get("value", turn.get("content"))
-            missing = "from" if speaker is None else None if ("value" in turn or "content" in turn) else "value"
+            speaker = turn.get("from") if turn.get("from") is not None else turn.get("role")
+            text = turn.get("value") if turn.get("value") is not None else turn.get("content")
+            present = {k: v for k, v in turn.items() if v is not None}
+            missing = ("from" if speaker is None else
+                       None if ("value" in turn or "content" in turn) else "value")
             if missing:
-                raise DataError(f"{where}: missing '{missing}' (turn keys: {sorted(turn)}); "
-                                "ShareGPT turns look like {'from': 'human', 'value': '...'}")
+                raise DataError(f"{where}: missing '{missing}' (or '{'role' if missing == 'from' else 'content'}'); "
+                                f"the turn has {present}. Turns look like {{'from': 'human', 'value': '...'}} or "
+                                "{'role': 'user', 'content': '...'}")
             role = SHAREGPT_ROLES.get(str(speaker).strip().lower())
             if role is None:
                 raise DataError(f"{where}.from: unknown speaker {speaker!r}; known: {sorted(SHAREGPT_ROLES)}. "
                                 "Map it with dataset.map(...) first.")
             if text is not None and not isinstance(text, str):
                 raise DataError(f"{where}.value: expected a string, got {type(text).__name__}")
+            if role == "system" and not (text or "").strip():
+                report.drop("empty system turn(s)", i)
+                continue
             messages.append({"role": role, "content": text or ""})
         if not messages:
             report.skip("empty conversation", i)
@@ -166,13 +185,17 @@ def alpaca_to_text(dataset, eos_token: str, *, instruction: str = "instruction",
 def sample_lengths(dataset, tokenizer) -> list[int]:
     """Token count of each row as the trainer will see it: ``messages`` rendered with the chat template, ``text``, or
     for preference pairs the longer of prompt + chosen and prompt + rejected."""
+    from llmft.templates import require_chat_template
+
     if {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
+        require_chat_template(tokenizer, "the preference pairs")
         lengths = []
         for row in dataset:
             sides = [tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False) for k in ("chosen", "rejected")]
             lengths.append(max(len(ids) for ids in tokenizer(sides, add_special_tokens=False)["input_ids"]))
         return lengths
     if "messages" in dataset.column_names:
+        require_chat_template(tokenizer, "the 'messages' rows")
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
     elif "text" in dataset.column_names:
         texts = list(dataset["text"])
@@ -236,10 +259,27 @@ def orca_to_dpo(dataset, *, strict: bool = True, verbose: bool = True, return_re
     return _finish(out, report, verbose, return_report)
 
 
+PROMPT_ROLES = ("system", "user", "assistant")
+
+
+def _check_message(message, where: str, roles) -> None:
+    """A ``{role, content}`` chat message with a known role and string content, else :class:`DataError`."""
+    if not isinstance(message, dict) or message.get("role") is None or "content" not in message:
+        raise DataError(f"{where}: expected a {{'role': ..., 'content': ...}} message, got {message!r:.60}")
+    if message["role"] not in roles:
+        hint = SHAREGPT_ROLES.get(str(message["role"]).strip().lower())
+        raise DataError(f"{where}.role: unknown role {message['role']!r}; expected one of {list(roles)}"
+                        + (f" (did you mean {hint!r}?)" if hint in roles else ""))
+    if not isinstance(message["content"], str):
+        raise DataError(f"{where}.content: expected a string, got {type(message['content']).__name__}")
+
+
 def preference_pairs(dataset, *, strict: bool = True, verbose: bool = True, return_report: bool = False):
     """Generic ``prompt`` / ``chosen`` / ``rejected`` rows with string values → the conversational form TRL's
-    DPOTrainer takes (user prompt, assistant answers). Rows already in conversational form are validated and kept.
-    Same checks as :func:`orca_to_dpo`."""
+    DPOTrainer takes (user prompt, assistant answers). Rows already in conversational form are validated (each
+    prompt message a ``{role, content}`` with role system/user/assistant, each answer a string or one assistant
+    message) and kept. Same checks as :func:`orca_to_dpo`; every problem is a :class:`DataError` naming row and
+    field."""
     _require_columns(dataset, ["prompt", "chosen", "rejected"], "preference_pairs",
                      "Name the columns prompt, chosen, rejected (dataset.rename_column).")
     report = DataReport("preference_pairs", rows_in=len(dataset))
@@ -247,14 +287,18 @@ def preference_pairs(dataset, *, strict: bool = True, verbose: bool = True, retu
     for i, row in enumerate(_rows(dataset, "preference pairs")):
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if isinstance(prompt, list):  # conversational already: validate the shape, take the answers' text
-            if not prompt or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
-                raise DataError(f"row {i}, field 'prompt': expected a string or a list of {{role, content}} messages")
+            if not prompt:
+                raise DataError(f"row {i}, field 'prompt': empty list; expected a string or {{role, content}} messages")
+            for j, message in enumerate(prompt):
+                _check_message(message, f"row {i}, field 'prompt[{j}]'", PROMPT_ROLES)
             answers = []
             for field_name, value in (("chosen", chosen), ("rejected", rejected)):
                 if isinstance(value, list):
-                    if len(value) != 1 or value[0].get("role") != "assistant":
-                        raise DataError(f"row {i}, field '{field_name}': expected one assistant message")
-                    value = value[0].get("content")
+                    if len(value) != 1:
+                        raise DataError(f"row {i}, field '{field_name}': expected one assistant message, got "
+                                        f"{len(value)} items")
+                    _check_message(value[0], f"row {i}, field '{field_name}[0]'", ("assistant",))
+                    value = value[0]["content"]
                 answers.append(value)
             pair = _pair_row(i, prompt, answers[0], answers[1], report, strict)
         else:
@@ -321,7 +365,9 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
     ``answer_key``). Returns ``task_id``, ``prompt`` (ends with "Answer:", for scoring/generation), ``choices``,
     ``n_choices`` and, with answers, ``answer`` (a letter) and ``text`` (prompt + " " + letter + ``eos_token``, for
     training). Rows whose answer cannot be resolved are skipped and reported by task_id; malformed rows raise
-    :class:`DataError` naming the row and field. ``with_answers=False`` for test rows without answers.
+    :class:`DataError` naming the row and field. Letters never shift: trailing empty options (``answer_d=""`` on a
+    three-choice row) just mean fewer choices, and an empty option before a filled one is a :class:`DataError`
+    naming the row and field. ``with_answers=False`` for test rows without answers.
     """
     columns = dataset.column_names
     letter_columns = [f"answer_{c}" for c in "abcdefghij" if f"answer_{c}" in columns]
@@ -345,7 +391,15 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
         if not isinstance(text_q, str) or not text_q.strip():
             raise DataError(f"row {i} (task_id {tid}), field '{question}': expected a non-empty string")
         if vietnamese:
-            options = [row[c] for c in letter_columns if row[c] not in (None, "")]
+            options = [row[c] for c in letter_columns]
+            while options and (options[-1] is None or str(options[-1]).strip() == ""):
+                options.pop()  # fewer choices (e.g. answer_d empty): no letter moves
+            for column, option in zip(letter_columns, options):
+                if option is None or str(option).strip() == "":
+                    raise DataError(
+                        f"row {i} (task_id {tid}), field '{column}': empty option before a filled one; dropping it "
+                        f"would shift the letters after it (the answer key names letters). Fill the option, or remove "
+                        "the row")
             options = parse_choices(options, f"row {i} (task_id {tid}), fields {letter_columns}")
         else:
             options = parse_choices(row[choices], f"row {i} (task_id {tid}), field '{choices}'")

@@ -2,7 +2,10 @@
 a qualitative side-by-side table.
 
 The metrics are thin calls into sacreBLEU, rouge-score and bert-score with the settings of the hub's ``evaluate``
-metrics, so numbers line up with the lab's table. ``evaluate.load("bleu")`` fetches its code from the hub at run time
+metrics, so numbers line up with the lab's table, corrected where those settings are wrong for our users' languages:
+ROUGE reads words in any script (rouge-score's default keeps only ``[a-z0-9]``; ``tokenizer="hub"`` restores it),
+BLEU follows the hub's algorithm exactly (shortest-reference brevity penalty), and BERTScore encodes RoBERTa/GPT-2
+inputs with their leading space as bert-score intends, also under transformers 5. ``evaluate.load("bleu")`` fetches its code from the hub at run time
 and fails offline (and in Kaggle competitions with the internet off); the same metrics ship inside llmft as
 ``evaluate`` modules: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``.
 """
@@ -10,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
-from collections import OrderedDict
+import unicodedata
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -32,45 +37,177 @@ def metric_path(name: str) -> str:
     return str(Path(__file__).parent / "metrics" / f"{name}.py")
 
 
-def _as_reference_lists(predictions: Sequence[str], references) -> list[list[str]]:
+def _as_reference_lists(predictions: Sequence[str], references, metric: str = "metric") -> list[list[str]]:
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise ValueError(f"{metric}: predictions and references must be lists of strings (one per example), not a "
+                         "single string; wrap it: [prediction], [reference]")
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; they must pair up")
+        raise ValueError(f"{metric}: {len(predictions)} predictions but {len(references)} references; they must pair "
+                         "up")
+    if len(predictions) == 0:
+        raise ValueError(f"{metric}: no predictions to score (empty lists); pass at least one prediction with its "
+                         "reference(s)")
+    for i, p in enumerate(predictions):
+        if not isinstance(p, str):
+            raise ValueError(f"{metric}: predictions[{i}] is {type(p).__name__}, expected a string")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     for i, group in enumerate(refs):
         if not group or not all(isinstance(r, str) for r in group):
-            raise ValueError(f"references[{i}]: expected a string or a non-empty list of strings")
+            raise ValueError(f"{metric}: references[{i}]: expected a string or a non-empty list of strings")
     return refs
 
 
-def bleu(predictions: Sequence[str], references, max_order: int = 4) -> dict:
-    """Corpus BLEU on a 0-1 scale, as the hub's ``evaluate`` "bleu" metric computes it: 13a tokenization, n-gram
-    counts summed over the corpus, geometric mean of 1..max_order precisions, brevity penalty, no smoothing. Computed by
-    sacreBLEU (``sacrebleu`` is its score on the usual 0-100 scale). ``references``: one string per prediction, or a
-    list of strings. With several references of different lengths sacreBLEU takes the closest length for the brevity
-    penalty where the hub metric takes the shortest; with one reference they agree exactly."""
+def tokenize_13a(text: str) -> list[str]:
+    """The hub "bleu" metric's tokenizer_13a (mteval-v13a, as in WMT): sacreBLEU's ``Tokenizer13a`` applied to the
+    text as is. (sacreBLEU itself strips trailing whitespace first, so for it ``"to-\\n"`` ends in the token
+    ``"to-"``; the hub joins ``"-\\n"`` line breaks and gets ``"to"``.)"""
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    global _TOKENIZER_13A
+    if _TOKENIZER_13A is None:
+        _TOKENIZER_13A = Tokenizer13a()
+    return _TOKENIZER_13A(text).split()
+
+
+_TOKENIZER_13A = None
+
+
+def _ngram_counts(tokens: Sequence[str], max_order: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1))
+
+
+def bleu(predictions: Sequence[str], references, max_order: int = 4, smooth: bool = False,
+         tokenizer=None) -> dict:
+    """Corpus BLEU on a 0-1 scale, exactly as the hub's ``evaluate`` "bleu" metric computes it (TensorFlow NMT's
+    ``compute_bleu``): 13a tokens (:func:`tokenize_13a`; ``tokenizer`` may be any ``str -> list[str]``), clipped n-gram
+    matches against the union of each prediction's references summed over the corpus, geometric mean of the 1..
+    ``max_order`` precisions, and a brevity penalty against the **shortest** reference of each prediction.
+    ``smooth=True``: Lin & Och (2004) add-one smoothing of every order, as the hub's ``smooth=True``.
+
+    ``references``: one string per prediction, or a list of strings (any number, any lengths). The result has the
+    hub's keys plus ``sacrebleu``: sacreBLEU's own corpus score (0-100) with its default settings (13a, exponential
+    smoothing, the *closest* reference length), a different number by design, named with ``sacrebleu_signature``.
+    """
     from sacrebleu.metrics import BLEU
 
-    refs = _as_reference_lists(predictions, references)
-    n_refs = max(len(r) for r in refs)
+    refs = _as_reference_lists(predictions, references, "bleu")
+    if max_order < 1:
+        raise ValueError(f"bleu(max_order={max_order}): must be at least 1")
+    tokenize = tokenizer or tokenize_13a
+    matches, possible = [0] * max_order, [0] * max_order
+    translation_length = reference_length = 0
+    for prediction, group in zip(predictions, refs):
+        hypothesis = tokenize(prediction)
+        ref_tokens = [tokenize(r) for r in group]
+        translation_length += len(hypothesis)
+        reference_length += min(len(r) for r in ref_tokens)
+        merged = Counter()
+        for r in ref_tokens:
+            merged |= _ngram_counts(r, max_order)
+        for ngram, count in (_ngram_counts(hypothesis, max_order) & merged).items():
+            matches[len(ngram) - 1] += count
+        for n in range(1, max_order + 1):
+            possible[n - 1] += max(0, len(hypothesis) - n + 1)
+    if smooth:
+        precisions = [(m + 1.0) / (p + 1.0) for m, p in zip(matches, possible)]
+    else:
+        precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order) if min(precisions) > 0 else 0.0
+    if reference_length == 0 or translation_length == 0:
+        ratio, brevity_penalty = 0.0, 0.0
+    else:
+        ratio = translation_length / reference_length
+        brevity_penalty = 1.0 if ratio > 1.0 else math.exp(1 - 1.0 / ratio)
+
+    n_refs = max(len(r) for r in refs)  # sacreBLEU takes reference streams; a missing reference is None
     streams = [[group[k] if k < len(group) else None for group in refs] for k in range(n_refs)]
-    score = BLEU(max_ngram_order=max_order, smooth_method="none", tokenize="13a").corpus_score(
-        list(predictions), streams)
+    sacre = BLEU(max_ngram_order=max_order)
     return {
-        "bleu": score.score / 100, "precisions": [p / 100 for p in score.precisions],
-        "brevity_penalty": score.bp, "length_ratio": score.sys_len / score.ref_len if score.ref_len else 0.0,
-        "translation_length": score.sys_len, "reference_length": score.ref_len, "sacrebleu": score.score,
+        "bleu": geo_mean * brevity_penalty, "precisions": precisions, "brevity_penalty": brevity_penalty,
+        "length_ratio": ratio, "translation_length": translation_length, "reference_length": reference_length,
+        "sacrebleu": sacre.corpus_score(list(predictions), streams).score,
+        "sacrebleu_signature": str(sacre.get_signature()),
     }
 
 
+class UnicodeTokenizer:
+    """ROUGE tokens for any script (llmft's default): the text is NFC-normalised and case-folded, words are runs of
+    letters, digits and combining marks (so Vietnamese, Greek, Cyrillic, Arabic, Devanagari words stay whole), and
+    every CJK ideograph, Hiragana and Katakana character is a token of its own (these scripts write no spaces).
+    Everything else (spaces, punctuation, symbols, "_") separates tokens. On ASCII text the tokens are exactly
+    rouge-score's, so English scores do not change; ``use_stemmer`` applies rouge-score's Porter stemming to ASCII
+    words longer than 3 characters, as it does. Scripts without spaces other than CJK (Thai, Lao, Khmer, Myanmar) are
+    not segmented: pass a ``tokenizer`` of your own for them."""
+
+    def __init__(self, use_stemmer: bool = False):
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens, word = [], []
+        for ch in unicodedata.normalize("NFC", text).casefold():
+            if _is_cjk(ch):
+                if word:
+                    tokens.append("".join(word))
+                    word = []
+                tokens.append(ch)
+            elif unicodedata.category(ch)[0] in "LN" or (word and unicodedata.category(ch)[0] == "M"):
+                word.append(ch)
+            elif word:
+                tokens.append("".join(word))
+                word = []
+        if word:
+            tokens.append("".join(word))
+        if self._stemmer is not None:
+            tokens = [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+        return tokens
+
+
+_CJK_RANGES = ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),
+               (0xFF66, 0xFF9F), (0x20000, 0x3134F))  # kana, CJK ideographs (+ extensions, compatibility)
+
+
+def _is_cjk(ch: str) -> bool:
+    code = ord(ch)
+    return ch == "\u3007" or any(lo <= code <= hi for lo, hi in _CJK_RANGES)
+
+
+class _CallableTokenizer:
+    def __init__(self, function):
+        self.tokenize = function
+
+
+def _rouge_tokenizer(tokenizer, use_stemmer: bool):
+    if tokenizer is None or tokenizer == "unicode":
+        return UnicodeTokenizer(use_stemmer)
+    if tokenizer == "hub":
+        return None  # rouge-score's DefaultTokenizer, built by RougeScorer itself
+    if hasattr(tokenizer, "tokenize"):
+        return tokenizer
+    if callable(tokenizer):
+        return _CallableTokenizer(tokenizer)
+    raise ValueError(f"rouge(tokenizer={tokenizer!r}): expected None/'unicode' (any script), 'hub' (rouge-score's "
+                     "default, ASCII only), a function str -> list[str], or an object with a tokenize() method")
+
+
 def rouge(predictions: Sequence[str], references, rouge_types: Sequence[str] = ROUGE_TYPES,
-          use_stemmer: bool = False, aggregate: bool = True) -> dict:
-    """ROUGE F-measures with rouge-score and the hub "rouge" metric's settings (its default tokenizer, no stemmer,
-    rougeLsum on newline-separated sentences, the best reference when there are several). ``aggregate=True``: the mean
-    over pairs (the hub's bootstrap "mid" estimates the same mean, with sampling noise); else one list per type."""
+          use_stemmer: bool = False, aggregate: bool = True, tokenizer=None) -> dict:
+    """ROUGE F-measures with rouge-score and the hub "rouge" metric's settings (no stemmer, rougeLsum on
+    newline-separated sentences, the best reference when there are several). ``aggregate=True``: the mean over pairs
+    (the hub's bootstrap "mid" estimates the same mean, with sampling noise); else one list per type.
+
+    ``tokenizer``: ``None`` (default) is :class:`UnicodeTokenizer`, words in any script and CJK by character,
+    identical to the hub's tokens on ASCII English. ``"hub"`` is rouge-score's default tokenizer exactly as the hub
+    metric uses it: it keeps only ``[a-z0-9]``, so Greek or Chinese score 0 and Vietnamese is cut into ASCII scraps;
+    use it only to reproduce old numbers. A function ``str -> list[str]`` or an object with ``tokenize()`` is passed
+    to rouge-score as is (``use_stemmer`` is then up to it).
+    """
     from rouge_score import rouge_scorer
 
-    refs = _as_reference_lists(predictions, references)
-    scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    refs = _as_reference_lists(predictions, references, "rouge")
+    scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer,
+                                      tokenizer=_rouge_tokenizer(tokenizer, use_stemmer))
     per_type: dict[str, list[float]] = {t: [] for t in rouge_types}
     for prediction, group in zip(predictions, refs):
         scores = scorer.score_multi(group, prediction)
@@ -78,7 +215,7 @@ def rouge(predictions: Sequence[str], references, rouge_types: Sequence[str] = R
             per_type[t].append(scores[t].fmeasure)
     if not aggregate:
         return per_type
-    return {t: (sum(v) / len(v) if v else 0.0) for t, v in per_type.items()}
+    return {t: sum(v) / len(v) for t, v in per_type.items()}
 
 
 def minilm_model_dir() -> str | None:
@@ -93,24 +230,84 @@ def minilm_model_dir() -> str | None:
     return str(path) if (path / "config.json").exists() else None
 
 
+def bertscore_model(lang: str = DEFAULT_BERTSCORE_LANG) -> tuple[str, int]:
+    """bert-score's own default ``(model, layer)`` for a language, from its tables (``bert_score.utils.lang2model``
+    and ``model2layers``): roberta-large layer 17 for "en", bert-base-chinese for "zh", and
+    bert-base-multilingual-cased layer 9 for every other language ("vi", "el", ...)."""
+    from bert_score.utils import lang2model, model2layers
+
+    if not isinstance(lang, str) or not lang.strip():
+        raise ValueError(f"bertscore(lang={lang!r}): give a language code such as 'en', 'vi' or 'el'")
+    model_type = lang2model[lang.strip().lower()]
+    return model_type, model2layers[model_type]
+
+
+def _encode_with_prefix_space(tokenizer) -> bool:
+    """Make a RoBERTa/GPT-2 (byte-level BPE) tokenizer encode the leading space of a sentence, as bert-score intends.
+
+    bert-score encodes these tokenizers with ``encode(sentence, add_prefix_space=True)`` so that the first word is
+    encoded like every other word ("Ġword"). transformers 5 ignores that keyword (the option is the pre-tokenizer's,
+    fixed when the tokenizer is built), so without this the first word gets another token and scores drift. Turning
+    on the byte-level pre-tokenizer's ``add_prefix_space`` restores bert-score's encoding. Returns whether it changed
+    anything."""
+    import json
+
+    from bert_score.utils import GPT2Tokenizer, RobertaTokenizer
+
+    if not isinstance(tokenizer, (GPT2Tokenizer, RobertaTokenizer)) or not hasattr(tokenizer, "backend_tokenizer"):
+        return False  # bert-score adds no prefix space for other tokenizers (WordPiece, SentencePiece, ...)
+    from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())
+    changed = []
+
+    def turn_on(node):
+        if isinstance(node, dict):
+            if node.get("type") == "ByteLevel" and node.get("add_prefix_space") is False:
+                node["add_prefix_space"] = True
+                changed.append(node)
+            for value in node.values():
+                turn_on(value)
+        elif isinstance(node, list):
+            for value in node:
+                turn_on(value)
+
+    turn_on(state.get("pre_tokenizer"))
+    if changed:
+        backend.pre_tokenizer = Tokenizer.from_str(json.dumps(state)).pre_tokenizer
+    return bool(changed)
+
+
 def bertscore(predictions: Sequence[str], references, model_type: str | None = None, num_layers: int | None = None,
               lang: str = DEFAULT_BERTSCORE_LANG, batch_size: int = 64, aggregate: bool = True, device=None) -> dict:
-    """BERTScore precision/recall/F1 with bert-score. Default model: bert-score's default for ``lang`` (roberta-large
-    for English, as the lab used); ``model_type`` may be a local model directory, with ``num_layers`` the layer to
-    use (e.g. :func:`minilm_model_dir` and 6, offline)."""
+    """BERTScore precision/recall/F1 with bert-score (the best reference when there are several).
+
+    Model: ``model_type`` (a hub id or a local model directory, with ``num_layers`` the layer to use, e.g.
+    :func:`minilm_model_dir` and 6 offline), else bert-score's own default for ``lang`` (:func:`bertscore_model`:
+    roberta-large layer 17 for English as the lab used, bert-base-multilingual-cased for "vi", "el", ...). Pass the
+    language of your texts: ``lang="vi"``. RoBERTa/GPT-2 tokenizers encode the sentence's leading space as bert-score
+    intends, also under transformers 5 (see :func:`_encode_with_prefix_space`)."""
     import bert_score
 
-    refs = _as_reference_lists(predictions, references)
-    if model_type is not None and os.path.isdir(model_type) and num_layers is None:
-        raise ValueError(f"bertscore(model_type={model_type!r}): a local model needs num_layers (its layer count "
-                         "for the last layer, e.g. 6 for MiniLM-L6)")
-    precision, recall, f1 = bert_score.score(
-        list(predictions), refs, model_type=model_type, num_layers=num_layers,
-        lang=None if model_type else lang, batch_size=batch_size, device=device, verbose=False)
+    refs = _as_reference_lists(predictions, references, "bertscore")
+    if model_type is None:
+        model_type, default_layers = bertscore_model(lang)
+        num_layers = default_layers if num_layers is None else num_layers
+    elif num_layers is None:
+        from bert_score.utils import model2layers
+
+        if model_type not in model2layers:
+            raise ValueError(f"bertscore(model_type={model_type!r}): bert-score has no default layer for this model "
+                             "(a local directory or an unlisted model); pass num_layers, e.g. 6 for MiniLM-L6")
+    scorer = bert_score.BERTScorer(model_type=model_type, num_layers=num_layers, batch_size=batch_size,
+                                   device=device)
+    _encode_with_prefix_space(scorer._tokenizer)  # bert-score keeps its tokenizer here; no public accessor
+    precision, recall, f1 = scorer.score(list(predictions), refs, verbose=False, batch_size=batch_size)
     p, r, f = precision.tolist(), recall.tolist(), f1.tolist()
     if not aggregate:
         return {"precision": p, "recall": r, "f1": f}
-    n = max(1, len(f))
+    n = len(f)
     return {"precision": sum(p) / n, "recall": sum(r) / n, "f1": sum(f) / n}
 
 
@@ -132,7 +329,8 @@ def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = No
     without parent) with its best-ranked assistant reply (``rank == 0``) as the reference.
 
     Deleted messages are ignored; trees in other languages (``lang=None`` keeps all), roots without a rank-0 reply and
-    orphan rows are counted in the report, never dropped silently. ``max_pairs`` takes a deterministic random sample
+    orphan replies (whose parent is deleted, or missing from the rows given) are counted in the report, never dropped
+    silently. ``max_pairs`` takes a deterministic random sample
     (``seed``). Returns a dataset with ``prompt``, ``reference``, ``message_tree_id``, ``lang``.
     """
     from datasets import Dataset
@@ -143,10 +341,11 @@ def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = No
         raise DataError(f"oasst1_pairs: no column(s) {missing}; oasst1 rows have {needed} (+ lang, deleted, ...)")
     report = DataReport("oasst1_pairs", rows_in=len(dataset))
     rows = list(dataset)
-    alive = {}
+    alive, deleted = {}, set()
     for i, row in enumerate(rows):
         if row.get("deleted"):
             report.skip("deleted message", i)
+            deleted.add(row["message_id"])
             continue
         if row["role"] not in ("prompter", "assistant"):
             raise DataError(f"row {i}, field 'role': expected 'prompter' or 'assistant', got {row['role']!r}")
@@ -154,8 +353,9 @@ def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = No
     children: dict[str, list[tuple[int, dict]]] = {}
     for message_id, (i, row) in alive.items():
         parent = row["parent_id"]
-        if parent is not None and parent not in alive:
-            continue  # below a deleted or missing message; its subtree is not a root conversation
+        if parent is not None and parent not in alive:  # its subtree is not a root conversation
+            report.skip("orphan: parent deleted" if parent in deleted else "orphan: parent not in the rows", i)
+            continue
         children.setdefault(parent, []).append((i, row))
     pairs = []
     for i, root in sorted(children.get(None, []), key=lambda item: item[1]["message_id"]):

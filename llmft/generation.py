@@ -20,10 +20,13 @@ def render_prompt(tokenizer, prompt: Prompt) -> tuple[str, bool]:
         return prompt, True
     if isinstance(prompt, dict):
         prompt = [prompt]
+    from llmft.templates import require_chat_template
+
     messages = list(prompt)
     if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise TypeError("prompt: expected a string or a list of {'role': ..., 'content': ...} messages, got "
                         f"{type(prompt).__name__}")
+    require_chat_template(tokenizer, "chat prompts (lists of {role, content} messages)")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
 
 
@@ -41,9 +44,14 @@ def inference_mode(model):
             FastLanguageModel.for_training(model)
 
 
+def pad_token_id(tokenizer) -> int | None:
+    """The id inputs are padded with: the tokenizer's pad id, else its eos id. An id of 0 is a real id (``<unk>``,
+    the pad of the Llama-2 / Mistral family), so this tests for None, never for truth."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _sampling_kwargs(do_sample: bool, temperature: float | None, min_p: float | None, tokenizer) -> dict:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # 0 is a pad id
-    kwargs = {"do_sample": do_sample, "pad_token_id": pad}
+    kwargs = {"do_sample": do_sample, "pad_token_id": pad_token_id(tokenizer)}
     if do_sample:
         if temperature is not None:
             kwargs["temperature"] = temperature
@@ -83,7 +91,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: i
     results: list[str] = []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the last real token
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # pad with eos; generate gets the same id (pad_token_id)
         tokenizer.pad_token = tokenizer.eos_token
     try:
         with inference_mode(model), torch.no_grad(), tqdm(total=len(rendered), desc=desc, disable=not progress) as bar:

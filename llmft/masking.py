@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmft.data import DataError
+from llmft.templates import require_chat_template
 
 IGNORE_INDEX = -100
 
@@ -119,11 +120,8 @@ def mask_responses(dataset, tokenizer, *, instruction_part: str | None = None, r
     if (instruction_part is None) != (response_part is None) or (not chat and response_part is None):
         raise ValueError(f"{name}: responses-only loss needs both instruction_part and response_part on 'text' rows "
                          "(Alpaca: '### Instruction:\\n' and '### Response:\\n'), and both or neither on chat rows")
-    if chat and not getattr(tokenizer, "chat_template", None):
-        from llmft.templates import COMMON_CHAT_TEMPLATES
-
-        raise ValueError(f"{name}: the tokenizer has no chat template, so chat rows cannot be rendered. Load the model "
-                         f"with load_model(..., chat_template=NAME), e.g. one of {', '.join(COMMON_CHAT_TEMPLATES)}")
+    if chat:
+        require_chat_template(tokenizer, f"{name}'s chat rows")
     report = MaskReport(name, rows=len(dataset))
     out = {"input_ids": [], "labels": []}
     for row, example in enumerate(dataset):

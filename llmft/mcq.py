@@ -53,7 +53,9 @@ def score_choices(model, tokenizer, prompts: Sequence[str], n_choices: Sequence[
             for start in range(0, len(prompts), batch_size):
                 chunk = [p.rstrip() for p in prompts[start:start + batch_size]]
                 inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
-                logits = model(**inputs).logits[:, -1, :].float()
+                # Only the last position's logits: the full (batch, length, vocabulary) tensor would be the largest
+                # of the run on a T4 with a 151k-token vocabulary. Left padding makes -1 the last real token.
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
                 logprobs = torch.log_softmax(logits, dim=-1)[:, letter_ids].cpu()
                 for k, n in enumerate(n_choices[start:start + batch_size]):
                     values = logprobs[k, :n].tolist()

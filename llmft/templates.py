@@ -56,14 +56,21 @@ def format_mcq(question: str, choices: Sequence[str], answer: str = "", eos_toke
     return text
 
 
+def require_chat_template(tokenizer, needed_for: str = "chat prompts") -> None:
+    """Raise llmft's ValueError (with template names to pick from) when ``tokenizer`` has no chat template, instead
+    of the error transformers raises from deep inside ``apply_chat_template``."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer has no chat template, and {needed_for} need one. Give it one with "
+            f"llmft.templates.apply_chat_template(tokenizer, 'llama-3.1') or load_model(..., chat_template=...); "
+            f"common names: {', '.join(COMMON_CHAT_TEMPLATES)} (pick the one of your model's family)")
+
+
 def apply_chat_template(tokenizer, name: str | None = None, **kwargs):
     """Return ``tokenizer`` with the named chat template (Unsloth's ``get_chat_template``: "llama-3.1", "chatml",
     "qwen-2.5", ...). ``name=None`` keeps the tokenizer's own template and checks that it has one."""
     if name is None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "The tokenizer has no chat template. Pass a template name, e.g. "
-                f"apply_chat_template(tokenizer, 'llama-3.1'); common names: {', '.join(COMMON_CHAT_TEMPLATES)}")
+        require_chat_template(tokenizer, "chat messages")
         return tokenizer
     from llmft._unsloth import import_unsloth
 

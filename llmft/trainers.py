@@ -270,14 +270,20 @@ def _response_positions(labels):
 
 
 def kd_loss(student_logits, teacher_logits, labels, temperature: float = 1.0,
-            only_where_teacher_right: bool = False):
-    """Mean over response tokens (labels != -100, shifted as in causal LM training) of
-    T² · KL(softmax(teacher/T) || softmax(student/T)); zero when the student equals the teacher."""
+            only_where_teacher_right: bool = False, reduction: str = "mean"):
+    """T² · KL(softmax(teacher/T) || softmax(student/T)) over the response tokens (labels != -100, shifted as in
+    causal LM training); zero when the student equals the teacher. ``reduction="mean"``: averaged over the response
+    tokens; ``"sum"``: summed, for a caller that divides by its own token count (as the trainer does with
+    ``num_items_in_batch``). With ``only_where_teacher_right`` the tokens the teacher gets wrong contribute 0 (they
+    still count in the mean, as they do in the cross-entropy's)."""
     import torch
     import torch.nn.functional as F
 
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"kd_loss(reduction={reduction!r}): use 'mean' or 'sum'")
     mask = _response_positions(labels)
     student, teacher = student_logits[:, :-1][mask].float(), teacher_logits[:, :-1][mask].float()
+    n_tokens = student.shape[0]
     if only_where_teacher_right:
         right = teacher.argmax(dim=-1) == labels[:, 1:][mask]
         student, teacher = student[right], teacher[right]
@@ -285,8 +291,8 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 1.0,
         return student_logits.sum() * 0.0
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_student), dim=-1)
-    return kl.mean() * temperature ** 2
+    kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_student), dim=-1).sum() * temperature ** 2
+    return kl if reduction == "sum" else kl / n_tokens
 
 
 def _distill_trainer_class(base):
@@ -311,19 +317,28 @@ def _distill_trainer_class(base):
             mask = _response_positions(labels)
             targets = labels[:, 1:][mask]
             ce = F.cross_entropy(outputs.logits[:, :-1][mask].float(), targets, reduction="sum")
+            # Both terms are token sums divided by the same count. In training transformers passes
+            # num_items_in_batch = the response tokens of the whole accumulation window and then does NOT divide by
+            # the accumulation steps, so a per-micro-batch mean here would weigh the KL x accumulation steps.
             count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
             loss = ce / count
             if config.weight > 0:
                 peft_model = self.accelerator.unwrap_model(model)
                 with torch.no_grad(), peft_model.disable_adapter():
                     teacher_logits = peft_model(**forward).logits
-                kd = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
-                             config.only_where_teacher_right)
-                loss = loss + config.weight * kd
+                kd_sum = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
+                                 config.only_where_teacher_right, reduction="sum")
+                loss = loss + config.weight * kd_sum / count
                 metrics = getattr(self, "_metrics", None)
                 if isinstance(metrics, dict):
+                    # Logged per micro-batch and averaged by TRL: scaled so the average over a window is that
+                    # window's KL per response token (the same normalisation as the logged loss).
+                    steps = 1
+                    if num_items_in_batch is not None and model.training:
+                        steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
                     mode = "train" if model.training else "eval"
-                    metrics.setdefault(mode, {}).setdefault("kd_loss", []).append(kd.detach().item())
+                    metrics.setdefault(mode, {}).setdefault("kd_loss", []).append(
+                        float(kd_sum.detach() / count) * steps)
             return (loss, outputs) if return_outputs else loss
 
     return DistillSFTTrainer

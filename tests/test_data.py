@@ -79,3 +79,54 @@ def test_count_overlong(chat_dataset):
     report = data.count_overlong(chat_dataset, tok, limit)
     assert report.overlong == [i for i, n in enumerate(lengths) if n > limit] and report.overlong
     assert f"{len(report.overlong)} longer than max_seq_length={limit}" in str(report)
+
+
+def test_empty_system_turn_is_dropped_from_the_row_not_the_row(capsys):
+    ds = _convs([{"from": "system", "value": ""}, *GOOD], [{"from": "system", "value": "  "}, *GOOD], GOOD,
+                [{"from": "system", "value": "Be brief."}, *GOOD])
+    out, report = data.sharegpt_to_messages(ds, return_report=True)
+    assert len(out) == 4 and report.n_skipped == 0  # before: rows 0 and 1 skipped as "empty turn"
+    assert out[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert out[3]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert report.dropped == {"empty system turn(s)": [0, 1]}
+    assert "dropped 2 empty system turn(s) (the rows are kept): rows 0, 1" in capsys.readouterr().out
+    empty_user = _convs([{"from": "human", "value": ""}, {"from": "gpt", "value": "x"}], GOOD)
+    assert data.sharegpt_to_messages(empty_user, return_report=True, verbose=False)[1].skipped == {"empty turn": [0]}
+
+
+def test_one_dataset_mixing_from_value_and_role_content_turns():
+    ds = Dataset.from_list([{"conversations": GOOD},
+                            {"conversations": [{"role": "user", "content": "hey"},
+                                               {"role": "assistant", "content": "yo"}]}])
+    assert ds[1]["conversations"][0]["from"] is None  # Arrow gives every turn all four keys
+    out = data.sharegpt_to_messages(ds, verbose=False)  # before: "row 1 ... missing 'from'"
+    assert out[1]["messages"] == [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yo"}]
+    assert out[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(data.DataError, match=r"row 1, field 'conversations\[0\]': missing 'from' \(or 'role'\)"):
+        data.sharegpt_to_messages(_ListDataset([{"conversations": GOOD},
+                                                {"conversations": [{"content": "x", "from": None}]}]),
+                                  verbose=False)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": [{"role": "robot", "content": "hi"}]}, r"row 1, field 'prompt\[0\]'.role: unknown role 'robot'"),
+    ({"prompt": [{"role": "human", "content": "hi"}]}, r"unknown role 'human'.*did you mean 'user'"),
+    ({"prompt": [{"role": "user", "content": 3}]}, r"row 1, field 'prompt\[0\]'.content: expected a string"),
+    ({"prompt": ["hi"]}, r"row 1, field 'prompt\[0\]': expected a \{'role'"),
+    ({"chosen": ["good"]}, r"row 1, field 'chosen\[0\]': expected a \{'role'"),  # before: AttributeError
+    ({"chosen": [{"role": "user", "content": "good"}]}, r"row 1, field 'chosen\[0\]'.role: unknown role 'user'"),
+    ({"rejected": []}, r"row 1, field 'rejected': expected one assistant message, got 0"),
+])
+def test_preference_pairs_validate_roles_and_raise_data_errors(bad, message):
+    good = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}]}
+    with pytest.raises(data.DataError, match=message):
+        data.preference_pairs(_ListDataset([good, {**good, **bad}]), verbose=False)
+    assert len(data.preference_pairs(_ListDataset([good]), verbose=False)) == 1
+
+
+def test_missing_chat_template_gets_llmfts_message(chat_dataset):
+    tokenizer = testing.tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match=r"no chat template, and the 'messages' rows need one.*'llama-3.1'"):
+        data.sample_lengths(chat_dataset, tokenizer)  # before: transformers' own error from apply_chat_template

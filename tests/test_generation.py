@@ -47,3 +47,33 @@ def test_prompt_errors(lora_model):
         llmft.generate_batch(model, tokenizer, ["plain", CHAT_PROMPTS[0]], batch_size=2, progress=False)
     with pytest.raises(ValueError, match="batch_size=0"):
         llmft.generate_batch(model, tokenizer, ["x"], batch_size=0)
+
+
+def test_a_pad_id_of_0_is_a_pad_id_and_generate_gets_the_padding_id(lora_model, monkeypatch):
+    model, tokenizer = lora_model
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # as <unk> (id 0) pads in the Llama-2 / Mistral family
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id != 0
+    calls = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = ["Continue the fibonnaci sequence.", "What is 3 plus 4? Answer in one short sentence please."]
+    llmft.generate_batch(model, tokenizer, prompts, batch_size=2, max_new_tokens=2, progress=False)
+    inputs = calls[0]
+    padded = inputs["input_ids"][inputs["attention_mask"] == 0]
+    assert len(padded) > 0 and set(padded.tolist()) == {0}  # the inputs were padded with id 0 ...
+    assert inputs["pad_token_id"] == 0  # ... and generate is told so (before: the eos id)
+    assert generation.pad_token_id(tokenizer) == 0
+
+
+def test_chat_prompt_without_chat_template_gets_llmfts_message():
+    from llmft import testing
+
+    tokenizer = testing.tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template.*apply_chat_template.*llama-3.1"):
+        generation.render_prompt(tokenizer, [{"role": "user", "content": "hi"}])

@@ -48,6 +48,19 @@ def test_vietnamese_rows():
     assert ds[0]["task_id"] == "row_0"
 
 
+def test_an_empty_option_never_shifts_the_letters():
+    row = {"question": "CPU là gì?", "answer_a": "Bộ xử lý", "answer_b": "", "answer_c": "Màn hình",
+           "answer_d": "Chuột", "answer_key": "C"}
+    # before: choices became [Bộ xử lý, Màn hình, Chuột] and "C" silently meant "Chuột"
+    with pytest.raises(data.DataError, match=r"row 0 \(task_id row_0\), field 'answer_b': empty option before"):
+        data.mcq_rows(Dataset.from_list([row]), eos_token="<e>", verbose=False)
+    with pytest.raises(data.DataError, match="field 'answer_b'"):
+        data.mcq_rows(Dataset.from_list([{**row, "answer_b": None}]), eos_token="<e>", verbose=False)
+    three = data.mcq_rows(Dataset.from_list([{**row, "answer_b": "Bộ nhớ", "answer_d": ""}]), eos_token="<e>",
+                          verbose=False)  # a trailing empty option is just a three-choice row
+    assert three[0]["choices"] == ["Bộ xử lý", "Bộ nhớ", "Màn hình"] and three[0]["answer"] == "C"
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"choices": "[unclosed"}, r"row 1 \(task_id t1\), field 'choices': could not parse"),
     ({"choices": []}, r"row 1 \(task_id t1\), field 'choices': expected a non-empty list"),
@@ -100,6 +113,17 @@ def test_constrained_scoring_matches_a_direct_computation(lora_model, mcq_data):
             assert scores.loc[i, "prediction"] == "ABCD"[best]
         assert scores.loc[i, "prediction"] == "ABCD"[max(range(k), key=lambda j: batched[j])]
         assert all(math.isnan(scores.loc[i, f"logprob_{letter}"]) for letter in "ABCD"[k:])
+
+
+def test_constrained_scoring_computes_only_the_last_positions_logits(lora_model, mcq_data):
+    model, tokenizer = lora_model
+    shapes = []
+    hook = model.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.logits.shape)))
+    try:
+        mcq.score_choices(model, tokenizer, list(mcq_data["prompt"][:3]), [4, 4, 4], batch_size=3, progress=False)
+    finally:
+        hook.remove()
+    assert shapes == [(3, 1, len(tokenizer))]  # before: (3, prompt length, vocabulary)
 
 
 def test_generation_and_extraction(lora_model, mcq_data):

@@ -45,6 +45,11 @@ def test_notebook_runs_in_smoke_mode(path, workdir, monkeypatch):
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    if path.name == "03_evaluation.ipynb":  # the metrics table shows a Vietnamese example row, scored for real
+        shown = "".join(o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
+                        for o in c.outputs)
+        row = next(line for line in shown.splitlines() if line.startswith("example (vi)"))
+        assert float(row.split()[3]) == 1.0  # ROUGE-1: the same Vietnamese words (the hub's tokens: scraps)
     if path.name == "02_dpo.ipynb" and sft_adapters_exist:  # after 01 ran here, 02 continues from its adapters
         printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
         assert "Policy and reference start from the SFT adapters" in printed

@@ -1,5 +1,6 @@
-"""BLEU as the hub's evaluate "bleu" metric (0-1 scale, 13a tokens, no smoothing), computed by llmft with sacreBLEU;
-loads offline: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``."""
+"""BLEU exactly as the hub's evaluate "bleu" metric (0-1 scale, 13a tokens, brevity penalty against the shortest
+reference, optional ``smooth``), plus sacreBLEU's own corpus score as ``sacrebleu``; computed by llmft; loads offline:
+``evaluate.load(llmft.evaluation.metric_path("bleu"))``."""
 import evaluate
 
 from llmft.evaluation import bleu
@@ -12,5 +13,5 @@ class Bleu(evaluate.Metric):
             description=__doc__, citation="Papineni et al., 2002; Post, 2018 (sacreBLEU)", inputs_description="",
             features=text_pair_features())
 
-    def _compute(self, predictions, references, max_order=4):
-        return bleu(predictions, references, max_order=max_order)
+    def _compute(self, predictions, references, max_order=4, smooth=False, tokenizer=None):
+        return bleu(predictions, references, max_order=max_order, smooth=smooth, tokenizer=tokenizer)

@@ -1,5 +1,6 @@
-"""ROUGE-1/2/L/Lsum F-measures with the hub's evaluate "rouge" settings, computed by llmft with rouge-score; loads
-offline: ``evaluate.load(llmft.evaluation.metric_path("rouge"))``."""
+"""ROUGE-1/2/L/Lsum F-measures with the hub's evaluate "rouge" settings, computed by llmft with rouge-score, with
+words in any script by default (``tokenizer="hub"`` for rouge-score's ASCII-only tokens); loads offline:
+``evaluate.load(llmft.evaluation.metric_path("rouge"))``."""
 import evaluate
 
 from llmft.evaluation import ROUGE_TYPES, rouge
@@ -12,6 +13,7 @@ class Rouge(evaluate.Metric):
             description=__doc__, citation="Lin, 2004", inputs_description="",
             features=text_pair_features())
 
-    def _compute(self, predictions, references, rouge_types=ROUGE_TYPES, use_stemmer=False, use_aggregator=True):
+    def _compute(self, predictions, references, rouge_types=ROUGE_TYPES, use_stemmer=False, use_aggregator=True,
+                 tokenizer=None):
         return rouge(predictions, references, rouge_types=rouge_types, use_stemmer=use_stemmer,
-                     aggregate=use_aggregator)
+                     aggregate=use_aggregator, tokenizer=tokenizer)
