@@ -164,7 +164,7 @@ def _run_notebook(cells, tmp_path, python, env, *, offline=False) -> dict:
 def test_install_cell_makes_llmft_importable_in_the_same_kernel_and_keeps_torch(fresh_python, tmp_path):
     before = _torch_version(fresh_python)
     check = ("import importlib.metadata as md, torch, llmft\n"
-             "print('AFTER', torch.__version__, llmft.__file__, md.version('unsloth'), llmft.output_dir('x'))")
+             "print('AFTER|' + '|'.join([torch.__version__, llmft.__file__, md.version('unsloth')]))")
     result = _run_notebook([INSTALL_CELL, check], tmp_path, fresh_python,
                            {"LLMFT_REPO": str(_snapshot_repository(tmp_path)), "LLMFT_INSTALL_GPU_IMAGE": "1"})
     assert result["error"] is None, result["error"][-3000:]
@@ -174,7 +174,7 @@ def test_install_cell_makes_llmft_importable_in_the_same_kernel_and_keeps_torch(
     assert "[llmft install] preflight: import unsloth OK" in install and "cuda available: False" in install
     constraints = (tmp_path / "work" / "llmft-src" / "build" / "image-constraints.txt").read_text()
     assert constraints == f"torch=={before}\n"
-    _, torch_after, llmft_file, unsloth, _ = after.split("AFTER ")[1].split()
+    torch_after, llmft_file, unsloth = re.search(r"^AFTER\|(.*)$", after, flags=re.M)[1].split("|")
     assert torch_after == before == _torch_version(fresh_python)
     assert "site-packages" in llmft_file and "llmft-src" not in llmft_file  # installed, not an editable path
     assert unsloth == "2026.10.9"
