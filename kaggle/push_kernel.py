@@ -1,7 +1,11 @@
 """Assemble a Kaggle kernel folder from a notebook and push it with the official kaggle CLI.
 
     python kaggle/push_kernel.py notebooks/05_codemmlu_kaggle.ipynb --owner YOU --title "llmft CodeMMLU T4" \
-        [--competition SLUG] [--dataset OWNER/SLUG ...] [--no-internet] [--public] [--out build/kernel] [--dry-run]
+        [--competition SLUG] [--dataset OWNER/SLUG ...] [--wheelhouse OWNER/SLUG] [--no-internet] [--public]
+        [--out build/kernel] [--dry-run]
+
+--wheelhouse OWNER/SLUG (a dataset built by kaggle/build_wheelhouse.sh) attaches it, turns the internet off and
+points the notebook's install cell at /kaggle/input/SLUG: it installs with pip --no-index from there.
 
 Checks the notebook (valid, no secrets) and the metadata (id/title slug, booleans, T4 machine shape) first; with
 --dry-run it stops there and prints the commands it would run.
@@ -19,16 +23,19 @@ def main(argv=None) -> int:
     parser.add_argument("--title", required=True, help="kernel title (its slug becomes the kernel id)")
     parser.add_argument("--competition", action="append", default=[], help="competition slug to attach")
     parser.add_argument("--dataset", action="append", default=[], help="dataset OWNER/SLUG to attach (e.g. a wheelhouse)")
+    parser.add_argument("--wheelhouse", help="OWNER/SLUG of a wheelhouse dataset: install offline from it (implies "
+                        "--no-internet)")
     parser.add_argument("--no-internet", action="store_true", help="for competitions that score offline")
     parser.add_argument("--public", action="store_true")
     parser.add_argument("--out", default="build/kaggle-kernel")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
+    datasets = args.dataset + ([args.wheelhouse] if args.wheelhouse and args.wheelhouse not in args.dataset else [])
     meta = kernel_metadata(args.owner, args.title, "notebook.ipynb", competition_sources=args.competition,
-                           dataset_sources=args.dataset, enable_internet=not args.no_internet,
+                           dataset_sources=datasets, enable_internet=not (args.no_internet or args.wheelhouse),
                            is_private=not args.public)
     try:
-        folder = assemble_kernel(args.notebook, args.out, meta)
+        folder = assemble_kernel(args.notebook, args.out, meta, wheelhouse=args.wheelhouse)
         commands = push(folder, dry_run=args.dry_run)
     except KernelError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ from llmft.data import (  # noqa: E402
 from llmft import evaluation, mcq, probes  # noqa: E402,F401  (modules: llmft.mcq.score_choices, ...)
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
+from llmft.runtime import NoGPUError, output_dir, preflight  # noqa: E402
 from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # noqa: E402
 from llmft.schedulers import chebyshev_schedule, chebyshev_step_schedule  # noqa: E402
 from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
@@ -27,6 +28,7 @@ from llmft.trainers import (  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
+    "output_dir", "preflight", "NoGPUError",
     "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
     "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
     "chebyshev_schedule", "chebyshev_step_schedule",

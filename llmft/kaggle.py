@@ -19,6 +19,10 @@ SECRET_PATTERNS = {
 }
 
 
+# The line of the notebooks' install cell (notebooks/install_cell.py) that a wheelhouse kernel sets.
+WHEELHOUSE_LINE = 'LLMFT_WHEELHOUSE = os.environ.get("LLMFT_WHEELHOUSE", "")'
+
+
 class KernelError(ValueError):
     """Kernel metadata or notebook that Kaggle would reject or that would leak a secret; says what and where."""
 
@@ -95,15 +99,67 @@ def validate_notebook(path: str | Path) -> dict:
     return notebook
 
 
-def assemble_kernel(notebook: str | Path, out_dir: str | Path, meta: dict) -> Path:
-    """A kernel folder: the notebook (as ``meta['code_file']``) and ``kernel-metadata.json``, both checked."""
-    validate_notebook(notebook)
+def wheelhouse_path(dataset: str) -> str:
+    """Where Kaggle mounts an attached dataset ``OWNER/SLUG``: ``/kaggle/input/SLUG``."""
+    owner, _, slug = dataset.partition("/")
+    if not owner or not slug or "/" in slug:
+        raise KernelError(f"--wheelhouse {dataset!r}: expected the dataset as OWNER/SLUG (e.g. alice/llmft-wheelhouse)")
+    return f"/kaggle/input/{slug}"
+
+
+def install_cell(notebook) -> dict:
+    """The notebook's install cell: its first code cell, which must be llmft's (notebooks/install_cell.py)."""
+    cell = next((c for c in notebook["cells"] if c["cell_type"] == "code"), None)
+    if cell is None or WHEELHOUSE_LINE not in "".join(cell["source"]):
+        raise KernelError("the notebook's first code cell is not llmft's install cell (no line "
+                          f"{WHEELHOUSE_LINE!r}); copy notebooks/install_cell.py into it "
+                          "(python scripts/sync_install_cell.py does it for the repository's notebooks)")
+    return cell
+
+
+def with_wheelhouse(notebook, dataset: str):
+    """The notebook with its install cell pointed at the attached wheelhouse dataset: it installs with
+    ``pip install --no-index --find-links /kaggle/input/SLUG`` and never reaches for the internet."""
+    cell = install_cell(notebook)
+    line = f'LLMFT_WHEELHOUSE = "{wheelhouse_path(dataset)}"   # set by kaggle/push_kernel.py --wheelhouse {dataset}'
+    cell["source"] = "".join(cell["source"]).replace(WHEELHOUSE_LINE, line)
+    return notebook
+
+
+def assemble_kernel(notebook: str | Path, out_dir: str | Path, meta: dict, *, wheelhouse: str | None = None) -> Path:
+    """A kernel folder: the notebook (as ``meta['code_file']``) and ``kernel-metadata.json``, both checked. With
+    ``wheelhouse="OWNER/SLUG"`` (a dataset built by kaggle/build_wheelhouse.sh) the install cell installs from it
+    offline; the metadata must then attach it and turn the internet off. With the internet off and no wheelhouse,
+    the install cell would try to clone from the internet: refused."""
+    nb = validate_notebook(notebook)
+    if wheelhouse is not None:
+        if meta["enable_internet"] or wheelhouse not in meta["dataset_sources"]:
+            raise KernelError(f"wheelhouse {wheelhouse!r}: the metadata must attach it (dataset_sources) and set "
+                              "enable_internet false")
+        with_wheelhouse(nb, wheelhouse)
+    elif meta["enable_internet"] is False and not _preinstalled(nb):
+        raise KernelError("enable_internet is false, but the install cell would clone llmft from the internet: "
+                          "pass --wheelhouse OWNER/SLUG (a dataset built by kaggle/build_wheelhouse.sh)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(notebook, out / meta["code_file"])
+    if wheelhouse is None:
+        shutil.copyfile(notebook, out / meta["code_file"])
+    else:
+        import nbformat
+
+        nbformat.write(nb, str(out / meta["code_file"]))
     validate_metadata(meta, out)
     (out / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _preinstalled(notebook) -> bool:
+    """True unless the notebook's first code cell is llmft's online install cell."""
+    try:
+        install_cell(notebook)
+    except KernelError:
+        return True
+    return False
 
 
 def push(folder: str | Path, *, dry_run: bool = False, runner=subprocess.run) -> list[list[str]]:

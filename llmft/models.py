@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from llmft._unsloth import import_unsloth
+from llmft.runtime import preflight, require_gpu
 
 # All attention and MLP projections of Llama/Qwen/Mistral/Gemma-style blocks (the lab's "QKV, O and MLP").
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,6 +99,7 @@ def load_model(
     chat_template: str | None = None,
     seed: int = DEFAULT_SEED,
     token: str | None = None,
+    allow_cpu: bool | None = None,
     **from_pretrained_kwargs,
 ):
     """Load ``model_name`` (hub id, local model directory, or a directory of saved LoRA adapters) with Unsloth.
@@ -109,6 +111,9 @@ def load_model(
     further training. ``dtype=None`` follows :func:`pick_dtype` (bf16, fp16 on a T4, float32 on CPU).
     ``chat_template`` applies an Unsloth template name (e.g. "llama-3.1") to the tokenizer. ``token``: a hub token for
     gated models; by default :func:`hub_token` reads it from ``HF_TOKEN`` or Colab/Kaggle secrets (never hard-code it).
+    A hub id with no CUDA GPU stops with how to pick a T4 (:func:`llmft.runtime.require_gpu`) unless smoke mode,
+    ``LLMFT_ALLOW_CPU=1`` or ``allow_cpu=True``; local directories always load. The first load prints a one-line
+    preflight summary (GPU, VRAM, precision, versions).
     """
     import_unsloth()
     from unsloth import FastLanguageModel
@@ -116,8 +121,11 @@ def load_model(
     if lora_r is not None and lora_r <= 0:
         raise ValueError(f"load_model(lora_r={lora_r}): the LoRA rank must be positive, or None for no LoRA")
     adapter_dir = os.path.isdir(model_name) and os.path.exists(os.path.join(model_name, "adapter_config.json"))
+    if not os.path.isdir(model_name):
+        require_gpu(f"load_model({model_name!r})", allow_cpu=allow_cpu)
     if not adapter_dir:
         check_model_source(model_name)
+    preflight(dtype if dtype is not None else pick_dtype())
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_name,
         max_seq_length=max_seq_length,

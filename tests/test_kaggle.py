@@ -77,14 +77,46 @@ def test_assemble_and_push(tmp_path, monkeypatch):
         kaggle.push(folder)
 
 
-def test_command_line_dry_run(tmp_path, capsys, monkeypatch):
-    argv = ["push_kernel.py", str(REPO / "notebooks" / "01_sft.ipynb"), "--owner", "alice", "--title",
-            "llmft SFT on a T4", "--competition", "some-comp", "--no-internet", "--out", str(tmp_path / "k"),
-            "--dry-run"]
-    monkeypatch.setattr(sys, "argv", argv)
+def _push_kernel(argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["push_kernel.py", *argv])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(REPO / "kaggle" / "push_kernel.py"), run_name="__main__")
-    assert exit_.value.code == 0
+    return exit_.value.code
+
+
+def test_command_line_dry_run_with_a_wheelhouse_installs_offline(tmp_path, capsys, monkeypatch):
+    import nbformat
+
+    argv = [str(REPO / "notebooks" / "05_codemmlu_kaggle.ipynb"), "--owner", "alice", "--title", "llmft SFT on a T4",
+            "--competition", "some-comp", "--wheelhouse", "alice/llmft-wheelhouse", "--out", str(tmp_path / "k"),
+            "--dry-run"]
+    assert _push_kernel(argv, monkeypatch) == 0
     assert "would run: kaggle kernels push -p" in capsys.readouterr().out
     meta = json.loads((tmp_path / "k" / "kernel-metadata.json").read_text())
     assert meta["enable_internet"] is False and meta["competition_sources"] == ["some-comp"]
+    assert meta["dataset_sources"] == ["alice/llmft-wheelhouse"] and meta["machine_shape"] == "NvidiaTeslaT4"
+    pushed = nbformat.read(tmp_path / "k" / "notebook.ipynb", as_version=4)
+    original = nbformat.read(REPO / "notebooks" / "05_codemmlu_kaggle.ipynb", as_version=4)
+    cell = pushed.cells[2].source
+    assert cell == (REPO / "notebooks" / "install_cell.py").read_text().rstrip("\n").replace(
+        kaggle.WHEELHOUSE_LINE, 'LLMFT_WHEELHOUSE = "/kaggle/input/llmft-wheelhouse"   # set by '
+        'kaggle/push_kernel.py --wheelhouse alice/llmft-wheelhouse')
+    assert '"--no-index", "--find-links", LLMFT_WHEELHOUSE' in cell and "requirements-kaggle.txt" in cell
+    assert [c.source for c in pushed.cells[3:]] == [c.source for c in original.cells[3:]]  # only the install cell
+
+
+def test_internet_off_without_a_wheelhouse_is_refused(tmp_path, capsys, monkeypatch):
+    argv = [str(REPO / "notebooks" / "01_sft.ipynb"), "--owner", "alice", "--title", "llmft SFT on a T4",
+            "--no-internet", "--out", str(tmp_path / "k"), "--dry-run"]
+    assert _push_kernel(argv, monkeypatch) == 2
+    assert "would clone llmft from the internet: pass --wheelhouse OWNER/SLUG" in capsys.readouterr().err
+    with pytest.raises(kaggle.KernelError, match="expected the dataset as OWNER/SLUG"):
+        kaggle.wheelhouse_path("llmft-wheelhouse")
+
+
+def test_a_notebook_without_the_install_cell_cannot_get_a_wheelhouse(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
+    with pytest.raises(kaggle.KernelError, match="not llmft's install cell"):
+        kaggle.with_wheelhouse(nb, "alice/wh")

@@ -1,0 +1,174 @@
+"""Where a run happens: refuse to train on a CPU by accident, say once what the GPU is, and put outputs where they
+survive a recycled VM.
+
+- :func:`require_gpu`: outside smoke mode, loading a hub model with no CUDA device stops with how to pick a T4 on
+  Colab and on Kaggle (Unsloth itself only prints one line and trains a 3B model on the CPU for hours). A P100
+  (sm_60: current CUDA torch builds ship no kernels for it) is refused too. ``LLMFT_ALLOW_CPU=1`` (or
+  ``load_model(..., allow_cpu=True)``) allows the CPU on purpose.
+- :func:`preflight`: one summary line (GPU, compute capability, VRAM, precision, torch/CUDA/Unsloth versions), printed
+  once per process by ``load_model``; Kaggle's two T4s get a note that one is used.
+- :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
+  ``outputs/`` elsewhere.
+"""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import sys
+from pathlib import Path
+
+T4_HOWTO = (
+    "Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then run the notebook again from "
+    "the top (the runtime restarts). Kaggle: Settings > Accelerator > GPU T4 x2 (not P100), then run again from the "
+    "top (in a pushed kernel: machine_shape NvidiaTeslaT4 in kernel-metadata.json).")
+ALLOW_CPU_ENV = "LLMFT_ALLOW_CPU"
+DRIVE_ENV = "LLMFT_DRIVE"
+DRIVE_MOUNT = "/content/drive"
+DRIVE_ROOT = "/content/drive/MyDrive/llmft"
+KAGGLE_WORKING = "/kaggle/working"
+
+_preflight_printed = False
+
+
+class NoGPUError(RuntimeError):
+    """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
+
+
+def on_kaggle() -> bool:
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ
+
+
+def cpu_allowed() -> bool:
+    """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
+    from llmft.testing import smoke_mode
+
+    return smoke_mode() or _truthy(os.environ.get(ALLOW_CPU_ENV))
+
+
+def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:
+    """Raise :class:`NoGPUError` when ``what`` (e.g. ``load_model('unsloth/...')``) would run on the CPU or on a GPU
+    this torch has no kernels for. ``allow_cpu=None`` follows :func:`cpu_allowed`."""
+    import torch
+
+    if allow_cpu is None:
+        allow_cpu = cpu_allowed()
+    if torch.cuda.is_available():
+        _refuse_unsupported_gpu(what)
+        return
+    if allow_cpu:
+        return
+    if torch.version.cuda is None:
+        why = (f"this torch ({torch.__version__}) is a CPU-only build, so even a GPU runtime would not be used. If "
+               "the install replaced the image's CUDA torch, restart the runtime (Colab: Runtime > Disconnect and "
+               "delete runtime; Kaggle: Run > Restart & clear cell outputs) and run the install cell again.")
+    else:
+        why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device: no GPU is attached."
+    raise NoGPUError(
+        f"{what}: no CUDA GPU, and training a hub model on the CPU takes hours. {why}\nTo get a T4: {T4_HOWTO}\n"
+        f"To run on the CPU on purpose: set {ALLOW_CPU_ENV}=1 before loading (or pass allow_cpu=True); "
+        "LLMFT_SMOKE=1 runs the notebooks on tiny offline models instead.")
+
+
+def _refuse_unsupported_gpu(what: str) -> None:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = f"sm_{major}{minor}"
+    compiled = torch.cuda.get_arch_list()
+    if compiled and not any(a.startswith(f"sm_{major}") or a.startswith(f"compute_{major}") for a in compiled) and \
+            (major, minor) < (7, 0):
+        raise NoGPUError(
+            f"{what}: GPU 0 is a {torch.cuda.get_device_name(0)} ({arch}); torch {torch.__version__} has kernels only "
+            f"for {', '.join(compiled)}, so every CUDA call would fail with 'no kernel image is available' (Kaggle's "
+            f"P100 is such a GPU). {T4_HOWTO}")
+
+
+def precision_name(dtype=None) -> str:
+    """What the run computes in: the dtype given, else bf16 on Ampere+, fp16 on a T4, Unsloth's choice on a CPU."""
+    import torch
+
+    if dtype is not None:
+        return str(dtype).replace("torch.", "")
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16 (no bf16 on this GPU)"
+    try:
+        from unsloth_zoo.cpu.runtime import cpu_bf16_supported  # type: ignore
+
+        return "bfloat16 (Unsloth CPU mode, native bf16)" if cpu_bf16_supported() else "float32 (Unsloth CPU mode)"
+    except Exception:  # noqa: BLE001 - older unsloth_zoo: no CPU mode helper
+        return "float32 (CPU)"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def preflight(dtype=None, *, force: bool = False) -> dict:
+    """Describe the machine in one line (printed once per process unless ``force``) and return it as a dict."""
+    global _preflight_printed
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "unsloth": _version("unsloth"),
+            "precision": precision_name(dtype), "gpu": None, "capability": None, "vram_gib": None,
+            "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0, "notes": []}
+    if info["gpu_count"]:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}",
+                    vram_gib=round(props.total_memory / 2**30, 1))
+        if info["gpu_count"] > 1:
+            info["notes"].append(f"{info['gpu_count']} GPUs visible; Unsloth trains on one. Set "
+                                 "CUDA_VISIBLE_DEVICES=0 before importing torch (llmft does it on Kaggle when it is "
+                                 "imported first).")
+    if on_kaggle() and os.environ.get("CUDA_VISIBLE_DEVICES") == "0":
+        info["notes"].append("Kaggle: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); a second T4 stays idle.")
+    where = (f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)" if info["gpu"]
+             else "CPU (no CUDA GPU; allowed by smoke mode or LLMFT_ALLOW_CPU)")
+    line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
+            f"(CUDA {info['cuda'] or 'none'}) | Unsloth {info['unsloth']}")
+    if force or not _preflight_printed:
+        print(line + "".join(f"\n  note: {note}" for note in info["notes"]))
+        _preflight_printed = True
+    info["line"] = line
+    return info
+
+
+def output_dir(name: str = "", *, drive: bool | None = None) -> str:
+    """The folder a notebook writes to (created), ``name`` below the root that survives the platform's recycling:
+
+    - Colab: ``/content/drive/MyDrive/llmft/<name>`` when Google Drive is mounted, or mounted here with
+      ``drive=True`` (or ``LLMFT_DRIVE=1``; Colab asks for permission); otherwise ``outputs/<name>`` on the VM's disk,
+      which is lost when the runtime is recycled.
+    - Kaggle: ``/kaggle/working/<name>``, saved as the notebook's output when you Save Version.
+    - elsewhere: ``outputs/<name>`` in the working directory.
+    """
+    if drive is None:
+        drive = _truthy(os.environ.get(DRIVE_ENV))
+    if on_kaggle() and os.path.isdir(KAGGLE_WORKING):
+        root = KAGGLE_WORKING
+    elif on_colab() and (drive or os.path.isdir(os.path.dirname(DRIVE_ROOT))):
+        if not os.path.isdir(os.path.dirname(DRIVE_ROOT)):
+            from google.colab import drive as colab_drive  # type: ignore
+
+            colab_drive.mount(DRIVE_MOUNT)
+        root = DRIVE_ROOT
+    else:
+        if drive:
+            print("llmft.output_dir: drive=True only applies on Colab; writing to outputs/ here.")
+        elif on_colab():
+            print("llmft.output_dir: Google Drive is not mounted, so outputs/ is lost when Colab recycles the VM; "
+                  "output_dir(..., drive=True) keeps checkpoints and adapters on Drive.")
+        root = "outputs"
+    path = os.path.join(root, name) if name else root
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
