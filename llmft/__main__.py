@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                       "(default: %(default)s)")
     demo.add_argument("--learning-rate", type=float, default=2e-3, help="LoRA learning rate (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=3407, help="random seed (default: %(default)s)")
+    demo.add_argument("--probe-items", type=int, default=None,
+                      help="score only the first N of the Fibonacci probe's 117 items (default: all)")
     sft = sub.add_parser("sft-demo", help="offline end-to-end SFT on a tiny model (no GPU, no hub)",
                          description="Fine-tune a tiny offline Llama with LoRA on FineTome-shaped chat data, evaluate, "
                                      "save and reload the adapters, and write results to --output-dir.")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--pretrain-steps must be at least 1 and --mcq-rows at least 8", file=sys.stderr)
         return 2
     demo.run_forgetting_demo(args.output_dir, pretrain_steps=args.pretrain_steps, mcq_rows=args.mcq_rows,
-                             seed=args.seed, learning_rate=args.learning_rate)
+                             seed=args.seed, learning_rate=args.learning_rate, probe_items=args.probe_items)
     return 0
 
 

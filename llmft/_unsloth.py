@@ -10,6 +10,7 @@ Before torch starts, we pin ``CUDA_VISIBLE_DEVICES=0`` on Kaggle unless the user
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as metadata
 import os
 import sys
@@ -74,20 +75,32 @@ def import_unsloth():
     return sys.modules["unsloth"]
 
 
-def pin_cpu_precision(bf16: bool = False, threads: int | None = 2) -> dict:
-    """Make a CPU run give the same numbers on every x86 machine: Unsloth's CPU mode computes in bf16 where the CPU
-    has native bf16 (AMX / AVX512-BF16) and in fp32 elsewhere, and float sums depend on the thread count. This sets
-    ``UNSLOTH_CPU_BF16`` (read by Unsloth when it picks a dtype, so call it before loading a model) and the torch
-    thread count. No effect on a GPU. Returns what was pinned, for a run's summary."""
+@contextlib.contextmanager
+def pinned_cpu_precision(bf16: bool = False, threads: int | None = 2):
+    """Within the block, a CPU run gives the same numbers on every x86 machine: Unsloth's CPU mode computes in bf16
+    where the CPU has native bf16 (AMX / AVX512-BF16) and in fp32 elsewhere, and float sums depend on the thread
+    count. Sets ``UNSLOTH_CPU_BF16`` (Unsloth reads it when it picks a dtype, so load models inside the block) and the
+    torch thread count, and restores both after. No effect on a GPU. Yields what was pinned, for a run's summary."""
     import torch
 
     if torch.cuda.is_available():
-        return {"device": "cuda"}
-    os.environ["UNSLOTH_CPU_BF16"] = "1" if bf16 else "0"
+        yield {"device": "cuda"}
+        return
     import_unsloth()
     from unsloth_zoo.cpu import runtime
 
+    saved_env, saved_threads = os.environ.get("UNSLOTH_CPU_BF16"), torch.get_num_threads()
+    os.environ["UNSLOTH_CPU_BF16"] = "1" if bf16 else "0"
     runtime.cpu_bf16_supported.cache_clear()  # Unsloth caches the answer; it re-reads the variable after this
     if threads:
         torch.set_num_threads(threads)
-    return {"device": "cpu", "compute_dtype": "bfloat16" if bf16 else "float32", "threads": torch.get_num_threads()}
+    try:
+        yield {"device": "cpu", "compute_dtype": "bfloat16" if bf16 else "float32",
+               "threads": torch.get_num_threads()}
+    finally:
+        if saved_env is None:
+            os.environ.pop("UNSLOTH_CPU_BF16", None)
+        else:
+            os.environ["UNSLOTH_CPU_BF16"] = saved_env
+        runtime.cpu_bf16_supported.cache_clear()
+        torch.set_num_threads(saved_threads)

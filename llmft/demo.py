@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from llmft import testing
-from llmft._unsloth import pin_cpu_precision
+from llmft._unsloth import pinned_cpu_precision
 from llmft.templates import format_alpaca
 
 ARITHMETIC_INSTRUCTION = "Continue the arithmetic sequence."
@@ -88,8 +88,18 @@ RUNS = (
 
 def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int = 600, mcq_rows: int = 1000,
                         seed: int = 3407, learning_rate: float = 2e-3, batch_size: int = 8,
-                        runs=RUNS, verbose: bool = True) -> dict:
-    """The main job: see the module docstring. Returns the results written to ``output_dir/results.json``."""
+                        runs=RUNS, probe_items: int | None = None, verbose: bool = True) -> dict:
+    """The main job: see the module docstring. Returns the results written to ``output_dir/results.json``.
+    ``probe_items`` limits the Fibonacci probe to its first items (all 117 by default)."""
+    # Same numbers on bf16 and fp32 CPUs: fp32 is not slower for models this small (GUIDE §7), 2 threads as CI has.
+    with pinned_cpu_precision(bf16=False, threads=2) as pinned:
+        return _forgetting_demo(output_dir, pretrain_steps=pretrain_steps, mcq_rows=mcq_rows, seed=seed,
+                                learning_rate=learning_rate, batch_size=batch_size, runs=runs,
+                                probe_items=probe_items, verbose=verbose, pinned=pinned)
+
+
+def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seed, learning_rate, batch_size, runs, probe_items,
+                     verbose, pinned) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,10 +110,8 @@ def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int =
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    # Same numbers on bf16 and fp32 CPUs: fp32 is not slower for models this small (GUIDE §7), 2 threads as CI has.
-    pinned = pin_cpu_precision(bf16=False, threads=2)
     base_dir = pretrained_base(pretrain_steps, verbose=verbose)
-    probe = probes.fibonacci_probe()
+    probe = probes.fibonacci_probe(max_items=probe_items)
 
     print("[1/4] probing the pretrained base")
     model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
@@ -224,7 +232,6 @@ def run_sft_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    pin_cpu_precision(bf16=False, threads=2)
     model, tokenizer = llmft.load_model(str(testing.tiny_model_dir(arch)), max_seq_length=256, lora_r=16,
                                         lora_alpha=32, seed=seed)
     chats = llmft.sharegpt_to_messages(testing.tiny_finetome(160, seed=seed))

@@ -1,5 +1,6 @@
 """The project's promises about itself: README commands, CI, the one pinned stack, the public API."""
 import json
+import os
 import re
 
 import pytest
@@ -8,6 +9,8 @@ import llmft
 from llmft.__main__ import main
 
 from conftest import REPO
+
+PRECISION_ENV = os.environ.get("UNSLOTH_CPU_BF16")  # as the suite was started (scripts/test.sh sets 0, then 1)
 
 
 def _readme_commands():
@@ -69,14 +72,18 @@ def test_sft_demo_runs_end_to_end(tmp_path):
 def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     """The main job's code path end to end with a tiny budget (the full run's numbers are in the issue note)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--pretrain-steps", "20", "--mcq-rows", "16", "--output-dir", str(out)]) == 0
+    assert main(["demo", "--pretrain-steps", "20", "--mcq-rows", "16", "--probe-items", "12",
+                 "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in results["runs"]] == ["base (no fine-tuning)", "0.2 epoch", "1 epoch", "1 epoch + KD",
                                                    "1 epoch + Chebyshev"]
     assert [r["steps"] for r in results["runs"]] == [0, 1, 2, 2, 2]  # 16 rows / batch 8 = 2 steps per epoch
-    assert results["probe_items"] == 117 and all(0 <= r["probe_accuracy"] <= 1 for r in results["runs"])
+    assert results["probe_items"] == 12 and all(0 <= r["probe_accuracy"] <= 1 for r in results["runs"])
+    assert results["precision"] == {"device": "cpu", "compute_dtype": "float32", "threads": 2}  # pinned ...
+    assert os.environ.get("UNSLOTH_CPU_BF16") == PRECISION_ENV  # ... inside the demo only
     assert [c["step"] for c in results["forgetting_curve"]][0] == 0
     summary = (out / "summary.md").read_text()
-    assert "headline answer (expected 13)" in summary and len(summary.splitlines()) == 2 + 5
+    assert summary.startswith("Computed in float32 with 2 CPU threads")
+    assert "headline answer (expected 13)" in summary and len(summary.splitlines()) == 2 + 2 + 5
     for name in ("forgetting_curve.png", "training_curves.png", "forgetting_by_run.png", "probe_answers.csv"):
         assert (out / name).exists(), name
