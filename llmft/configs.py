@@ -112,7 +112,7 @@ class TrainingControlConfig:
 
 
 @dataclass
-class _RunOptions(TrainingControlConfig):
+class _RunOptions:
     """Options every llmft trainer shares (passed on to TRL's SFTConfig/DPOConfig)."""
 
     output_dir: str = _help("Checkpoints, metrics.csv, best/ and llmft_config.json go here.", "outputs")
@@ -137,7 +137,7 @@ class _RunOptions(TrainingControlConfig):
 
 
 @dataclass
-class SFTOptions(_RunOptions):
+class SFTOptions(TrainingControlConfig, _RunOptions):
     """Every option of :func:`llmft.build_trainer` (T4 defaults). Other ``trl.SFTConfig`` fields pass through."""
 
     max_seq_length: int | None = _help("Longest row in tokens; None: the model's (from load_model).")
@@ -149,14 +149,14 @@ class SFTOptions(_RunOptions):
                                           "its fields as a dict, or True for the defaults); None: off.")
 
     def __post_init__(self):
-        super().__post_init__()
+        TrainingControlConfig.__post_init__(self)
         self.distill = DistillConfig.coerce(self.distill)
         if (self.instruction_part is None) != (self.response_part is None):
             raise ValueError("build_trainer: give both instruction_part and response_part, or neither")
 
 
 @dataclass
-class DPOOptions(_RunOptions):
+class DPOOptions(TrainingControlConfig, _RunOptions):
     """Every option of :func:`llmft.build_dpo_trainer`: DPO wants far smaller steps than SFT and no weight decay.
     Other ``trl.DPOConfig`` fields pass through."""
 
