@@ -15,7 +15,8 @@ from pathlib import Path
 def _kaggle_helpers():
     """llmft/kaggle.py by itself (standard library only): importing the llmft package would import Unsloth and torch,
     which a machine that only pushes kernels does not need."""
-    spec = importlib.util.spec_from_file_location("llmft_kaggle", Path(__file__).resolve().parents[1] / "llmft" / "kaggle.py")
+    path = Path(__file__).resolve().parents[1] / "llmft" / "kaggle.py"
+    spec = importlib.util.spec_from_file_location("llmft_kaggle", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

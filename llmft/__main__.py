@@ -2,8 +2,8 @@
 
   train      run an SFT recipe file (YAML; see recipes/01_sft.yaml): load, data, train, plots, adapters
   dpo        run a DPO recipe file (see recipes/02_dpo.yaml)
-  demo       the main job: the seeds' forgetting finding reproduced offline (see llmft/demo.py), a few minutes on 2 CPU
-             cores the first time (it builds and caches a tiny pretrained base), less after
+  demo       the main job: the CodeMMLU report's forgetting finding reproduced offline (see llmft/demo.py), a few
+             minutes on 2 CPU cores the first time (it builds and caches a tiny pretrained base), less after
   sft-demo   the foundation path end to end: SFT on FineTome-shaped data, evaluation, adapters saved and reloaded
 """
 from __future__ import annotations

@@ -167,15 +167,17 @@ class DPOOptions(TrainingControlConfig, _RunOptions):
     max_length: int | None = _help("Longest prompt + response in tokens; None: the model's max_seq_length.")
 
 
-def options_from(config_cls, builder: str, trl_fields: Iterable[str], given: dict, base=None):
-    """Split keyword options into (``config_cls`` instance, TRL passthrough dict); unknown names get a suggestion.
+def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=None):
+    """Split keyword options into (``config_cls`` instance, passthrough dict of ``trl_config_cls`` fields); unknown
+    names get a suggestion.
     ``base``: a ``config_cls`` instance (or dict of its fields) the keywords override."""
     if isinstance(base, dict):  # a recipe's section: its names are checked like keywords
         given, base = {**base, **given}, None
     ours = set(field_names(config_cls))
-    trl_fields = set(trl_fields)
+    trl_fields = set(field_names(trl_config_cls)) if trl_config_cls is not None else set()
+    trl_hint = f" or trl.{trl_config_cls.__name__} fields" if trl_config_cls is not None else ""
     check_names(given, ours | trl_fields, builder,
-                f"Options are {builder}'s own (llmft.{config_cls.__name__}) or trl fields.")
+                f"Options are {builder}'s own (llmft.configs.{config_cls.__name__}){trl_hint}.")
     if isinstance(base, config_cls):
         base = {name: getattr(base, name) for name in ours}
     values = {**(base or {}), **{k: v for k, v in given.items() if k in ours}}

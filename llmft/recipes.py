@@ -49,7 +49,8 @@ class DataConfig:
     rows: int | None = dataclasses.field(default=None, metadata={
         "help": "Rows to use after a seeded shuffle (train + eval); None: all."})
     eval_rows: int = dataclasses.field(default=200, metadata={"help": "Rows held out for evaluation (0: none)."})
-    seed: int = dataclasses.field(default=DEFAULT_SEED, metadata={"help": "Seed of the shuffle and the train/eval split."})
+    seed: int = dataclasses.field(default=DEFAULT_SEED,
+                                  metadata={"help": "Seed of the shuffle and the train/eval split."})
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -83,26 +84,27 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
     """Check every name of every section against what it is passed to; raise TypeError naming the closest one."""
     from llmft.models import load_model
 
-    options_cls, trl_fields = _options(command)
+    options_cls, trl_cls = _options(command)
     model_known = set(inspect.signature(load_model).parameters) - {"model_name", "from_pretrained_kwargs"} | {"name"}
     check_names(recipe["model"], model_known, f"{where} [model]", "Fields are `name` and llmft.load_model keywords.")
     if "name" not in recipe["model"]:
         raise ValueError(f"{where} [model]: `name` is required (a hub id, a local directory or {TESTING_MODEL})")
     check_names(recipe["data"], field_names(DataConfig), f"{where} [data]",
                 f"Fields are llmft.recipes.DataConfig's: {field_names(DataConfig)}.")
-    check_names(recipe["training"], set(field_names(options_cls)) | set(trl_fields), f"{where} [training]",
-                f"Fields are llmft.{options_cls.__name__}'s or trl's.")
+    training_known = set(field_names(options_cls)) | set(field_names(trl_cls))
+    check_names(recipe["training"], training_known, f"{where} [training]",
+                f"Fields are llmft.configs.{options_cls.__name__}'s or trl.{trl_cls.__name__}'s.")
 
 
 def _options(command: str):
     if command == "train":
         from trl import SFTConfig
 
-        return SFTOptions, field_names(SFTConfig)
+        return SFTOptions, SFTConfig
     if command == "dpo":
         from trl import DPOConfig
 
-        return DPOOptions, field_names(DPOConfig)
+        return DPOOptions, DPOConfig
     raise ValueError(f"command={command!r}: use 'train' (SFT) or 'dpo'")
 
 

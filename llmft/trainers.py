@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -26,11 +27,12 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from llmft import callbacks as cb  # noqa: E402
 from llmft.configs import (  # noqa: E402
-    DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, field_names, options_from, save_config,
+    DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
 )
 from llmft.data import DataError, count_overlong  # noqa: E402
 from llmft.log import say  # noqa: E402
 from llmft.masking import mask_responses  # noqa: E402
+from llmft.models import pick_dtype  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
 __all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
@@ -41,13 +43,12 @@ PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def precision_flags() -> dict:
-    """``{"fp16": ..., "bf16": ...}`` for this machine: bf16 on Ampere+, fp16 on a T4, neither on a CPU."""
+    """``{"fp16": ..., "bf16": ...}`` for TRL's config, from the one precision policy, :func:`llmft.models.pick_dtype`
+    (bf16 on Ampere+, fp16 on a T4, neither on a CPU, where Unsloth's CPU mode picks the dtype)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return {"fp16": False, "bf16": False}
-    bf16 = torch.cuda.is_bf16_supported()
-    return {"fp16": not bf16, "bf16": bf16}
+    dtype = pick_dtype()
+    return {"fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16}
 
 
 def default_optim() -> str:
@@ -196,7 +197,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     :class:`DistillSFTTrainer`: knowledge distillation from the adapter-disabled model is added to the loss, against
     forgetting.
     """
-    o, trl_options = options_from(SFTOptions, "build_trainer", field_names(SFTConfig), options, base=config)
+    o, trl_options = options_from(SFTOptions, "build_trainer", SFTConfig, options, base=config)
     kind = _check_dataset(train_dataset, "train_dataset")
     if eval_dataset is not None and _check_dataset(eval_dataset, "eval_dataset") != kind:
         raise DataError(f"eval_dataset: must have the same '{kind}' column as train_dataset, "
@@ -213,7 +214,8 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
                                      eval_max_samples=o.eval_max_samples, seed=o.seed, verbose=verbose)
     if responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
         parts = dict(instruction_part=o.instruction_part, response_part=o.response_part, max_length=max_seq_length)
-        train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset", **parts)
+        train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset",
+                                                                 **parts)
         if eval_dataset is not None:
             eval_dataset, reports["eval_masking"] = mask_responses(eval_dataset, tokenizer, name="eval_dataset",
                                                                    **parts)
@@ -348,7 +350,7 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g. ``"eval_rewards/accuracies"`` or
     ``"eval_rewards/margins"`` (higher is better, inferred from the name).
     """
-    o, trl_options = options_from(DPOOptions, "build_dpo_trainer", field_names(DPOConfig), options, base=config)
+    o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
     for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if dataset is not None and not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
             hint = (" Convert Intel/orca_dpo_pairs rows with llmft.data.orca_to_dpo." if "question" in
@@ -383,9 +385,10 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
 
     A ``scheduler`` needs a trainer built on :class:`TrainerMixin` (what :func:`build_trainer` and
     :func:`build_dpo_trainer` return), whose ``create_scheduler`` uses it."""
-    c, _ = options_from(TrainingControlConfig, "attach_training_control", (), options, base=config)
+    c, _ = options_from(TrainingControlConfig, "attach_training_control", None, options, base=config)
     out = Path(trainer.args.output_dir)
-    evaluates = trainer.eval_dataset is not None and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO")
+    evaluates = (trainer.eval_dataset is not None
+                 and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO"))
     if c.scheduler is not None:
         if not isinstance(trainer, TrainerMixin):
             raise TypeError(f"attach_training_control(scheduler={c.scheduler!r}): {type(trainer).__name__} has no "
@@ -407,17 +410,22 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
     return trainer
 
 
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, float, str]]:
+    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's ``output_dir`` (one whose
+    trainer_state.json was written: transformers writes it last), in step order."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        state = path / "trainer_state.json"
+        if path.name.split("-")[-1].isdigit() and state.exists():
+            info = json.loads(state.read_text())
+            found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
+    return sorted(found)
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (one whose trainer_state.json was written), or None."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    candidates = []
-    for path in root.glob("checkpoint-*"):
-        suffix = path.name.split("-")[-1]
-        if suffix.isdigit() and (path / "trainer_state.json").exists():
-            candidates.append((int(suffix), path))
-    return str(max(candidates)[1]) if candidates else None
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (see :func:`checkpoints`), or None."""
+    found = checkpoints(output_dir)
+    return found[-1][2] if found else None
 
 
 def train(trainer, resume: bool | str | None = "auto"):

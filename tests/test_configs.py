@@ -3,6 +3,7 @@ its settings, and the distillation trainer is a real module-level class."""
 import dataclasses
 import inspect
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 import llmft
 from llmft import configs, trainers
 from llmft.configs import DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig
+
+from conftest import REPO
 
 
 @pytest.mark.parametrize("cls", [SFTOptions, DPOOptions, TrainingControlConfig, DistillConfig])
@@ -95,8 +98,9 @@ def test_offline_switch_reaches_libraries_that_were_already_imported(tmp_path):
             "from llmft.__main__ import set_offline\n"
             "set_offline()\n"
             "print('OFFLINE', before, hub.is_offline_mode(), ds.HF_HUB_OFFLINE)\n")
-    env = {k: v for k, v in __import__("os").environ.items()
+    env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = str(REPO)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=600)
     line = next(line for line in out.stdout.splitlines() if line.startswith("OFFLINE"))
