@@ -20,6 +20,7 @@ from pathlib import Path
 from llmft import testing
 from llmft.testing import pretrained_base  # noqa: F401  (the demo's base; built and cached by llmft.testing)
 from llmft._unsloth import pin_cpu_precision
+from llmft.experiments import mcq_accuracy, run_experiment
 from llmft.log import say
 
 CURVE_RUN = "1 epoch"  # the run whose checkpoints are probed for the forgetting curve
@@ -53,60 +54,47 @@ def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int =
     base_dir = pretrained_base(pretrain_steps, verbose=verbose)
     probe = probes.fibonacci_probe()
 
-    say("[1/4] probing the pretrained base")
-    model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
-                                        load_in_4bit=LOAD_IN_4BIT)
-    with model.disable_adapter():
-        base_probe = probes.run_probe(model, tokenizer, probe, model_name="base", progress=verbose)
+    say("[1/4] loading the pretrained base and the MCQ data")
+    load_options = dict(max_seq_length=384, lora_r=16, seed=seed, load_in_4bit=LOAD_IN_4BIT)
+    model, tokenizer = llmft.load_model(str(base_dir), **load_options)
     rows = llmft.mcq_rows(testing.tiny_codemmlu(mcq_rows, seed=seed), eos_token=tokenizer.eos_token, verbose=False)
     val = llmft.mcq_rows(testing.tiny_codemmlu(100, seed=seed + 1), eos_token=tokenizer.eos_token, verbose=False)
     baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
-    with model.disable_adapter():
-        base_mcq = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
+    steps_per_epoch = -(-len(rows) // batch_size)
+    # Only CURVE_RUN evaluates and keeps checkpoints (for the forgetting curve): the others just train.
+    variants = {name: {**options, **({"save_strategy": "steps"} if name == CURVE_RUN else
+                                     {"save_strategy": "no", "eval_strategy": "no"})} for name, options in runs}
+    curve_run = {}
+
+    def keep_curve(name, model, tokenizer, trainer):
+        if name == CURVE_RUN:  # probed now, while this run's model is loaded
+            curve_run["curve"] = probes.probe_checkpoints(model, tokenizer, probe, trainer.args.output_dir)
+            curve_run["run_dir"] = trainer.args.output_dir
+
+    say(f"[2/4] base + {len(variants)} LoRA runs on MCQ: {', '.join(variants)}")
+    experiment = run_experiment(
+        str(base_dir), variants, rows.select_columns(["text"]), val.select_columns(["text"]),
+        output_dir=str(out / "runs"), load_options=load_options, loaded=(model, tokenizer),
+        trainer_options=dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+                             learning_rate=learning_rate, warmup_steps=5,
+                             instruction_part=templates.MCQ_INSTRUCTION_PART,
+                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None,
+                             save_total_limit=None, eval_steps=max(1, steps_per_epoch // 5), seed=seed,
+                             disable_tqdm=not verbose),
+        probes={"probe": probe}, scorers={"mcq_accuracy": mcq_accuracy(val)}, base_name="base (no fine-tuning)",
+        on_run=keep_curve, resume=False, save_adapters=False, progress=verbose, verbose=verbose)
+    table = experiment.table.rename(columns={"probe_headline": "headline_answer"})
     results = {"precision": pinned, "probe_items": len(probe.prompts), "mcq_train_rows": len(rows),
                "mcq_val_rows": len(val),
-               "majority_baseline": {"letter": baseline_letter, "accuracy": baseline}, "runs": []}
-    results["runs"].append({
-        "run": "base (no fine-tuning)", "steps": 0,
-        "probe_accuracy": float(base_probe["correct"].mean()), "headline_answer": base_probe.loc[0, "answer"],
-        "mcq_accuracy": float((base_mcq["prediction"] == list(val["answer"])).mean()), "train_seconds": 0.0})
-
-    tables = [base_probe.assign(run="base")]
-    curve_run = None
-    for index, (name, options) in enumerate(runs):
-        say(f"[2/4] run {index + 1}/{len(runs)}: LoRA on MCQ, {name}")
-        if index:
-            model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
-                                                load_in_4bit=LOAD_IN_4BIT)
-        run_dir = out / "runs" / name.replace(" ", "_").replace("+", "plus").replace(".", "p")
-        curve = name == CURVE_RUN  # only this run evaluates and keeps checkpoints: the others just train
-        steps_per_epoch = -(-len(rows) // batch_size)
-        trainer = llmft.build_trainer(
-            model, tokenizer, rows.select_columns(["text"]), val.select_columns(["text"]) if curve else None,
-            output_dir=str(run_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-            learning_rate=learning_rate, warmup_steps=5, instruction_part=templates.MCQ_INSTRUCTION_PART,
-            response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None, save_total_limit=None,
-            eval_steps=max(1, steps_per_epoch // 5), save_strategy="steps" if curve else "no", seed=seed,
-            verbose=False, disable_tqdm=not verbose, **options)
-        t0 = time.time()
-        stats = llmft.train(trainer, resume=False)
-        seconds = time.time() - t0
-        table = probes.run_probe(model, tokenizer, probe, model_name=name, progress=verbose)
-        scores = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
-        results["runs"].append({
-            "run": name, "steps": stats.global_step, "probe_accuracy": float(table["correct"].mean()),
-            "headline_answer": table.loc[0, "answer"],
-            "mcq_accuracy": float((scores["prediction"] == list(val["answer"])).mean()),
-            "train_seconds": round(seconds, 1)})
-        tables.append(table.assign(run=name))
-        if curve:
-            curve_run = (run_dir, model, tokenizer)
+               "majority_baseline": {"letter": baseline_letter, "accuracy": baseline},
+               "runs": json.loads(table[["run", "steps", "probe_accuracy", "headline_answer", "mcq_accuracy",
+                                         "train_seconds"]].to_json(orient="records"))}
+    tables = [experiment.answers]
 
     say("[3/4] forgetting curve across the 1-epoch run's checkpoints")
     figures = {}
-    if curve_run is not None:
-        run_dir, model, tokenizer = curve_run
-        curve = probes.probe_checkpoints(model, tokenizer, probe, run_dir)
+    if curve_run:
+        run_dir, curve = curve_run["run_dir"], curve_run["curve"]
         by_step = probes.accuracy_by(curve, "step")
         results["forgetting_curve"] = [
             {"step": int(step), "probe_accuracy": float(row.probe_accuracy), "headline_answer": row.headline_answer}
