@@ -77,6 +77,7 @@ def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     assert results["probe_items"] == 117 and all(0 <= r["probe_accuracy"] <= 1 for r in results["runs"])
     assert [c["step"] for c in results["forgetting_curve"]][0] == 0
     summary = (out / "summary.md").read_text()
-    assert "headline answer (expected 13)" in summary and len(summary.splitlines()) == 2 + 5
+    assert "headline answer (expected 13)" in summary and summary.startswith("Computed in float32")
+    assert len(summary.splitlines()) == 2 + 2 + 5  # precision note + blank line, header, separator, 5 runs
     for name in ("forgetting_curve.png", "training_curves.png", "forgetting_by_run.png", "probe_answers.csv"):
         assert (out / name).exists(), name
