@@ -14,7 +14,9 @@ from llmft.data import (  # noqa: E402
     DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
     sharegpt_to_messages,
 )
-from llmft import evaluation, mcq, probes  # noqa: E402,F401  (modules: llmft.mcq.score_choices, ...)
+from llmft import evaluation, experiments, mcq, probes, recipes  # noqa: E402,F401  (llmft.mcq.score_choices, ...)
+from llmft.configs import DPOOptions, SFTOptions, TrainingControlConfig  # noqa: E402
+from llmft.experiments import run_experiment  # noqa: E402
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
 from llmft.runtime import NoGPUError, output_dir, preflight  # noqa: E402
@@ -22,14 +24,15 @@ from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # 
 from llmft.schedulers import chebyshev_schedule, chebyshev_step_schedule  # noqa: E402
 from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
 from llmft.trainers import (  # noqa: E402
-    DistillConfig, attach_training_control, build_dpo_trainer, build_trainer, train,
+    DistillConfig, DistillSFTTrainer, attach_training_control, build_dpo_trainer, build_trainer, train,
 )
 
 __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
     "output_dir", "preflight", "NoGPUError",
-    "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
+    "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig", "DistillSFTTrainer",
+    "SFTOptions", "DPOOptions", "TrainingControlConfig", "run_experiment",
     "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
     "chebyshev_schedule", "chebyshev_step_schedule",
     "plot_training", "plot_dpo", "plot_schedule", "load_metrics",

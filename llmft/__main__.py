@@ -1,7 +1,9 @@
-"""``python -m llmft``: the offline demos.
+"""``python -m llmft``: recipes and the offline demos.
 
-  demo       the main job: the seeds' forgetting finding reproduced offline (see llmft/demo.py), a few minutes on 2 CPU
-             cores the first time (it builds and caches a tiny pretrained base), less after
+  train      run an SFT recipe file (YAML; see recipes/01_sft.yaml): load, data, train, plots, adapters
+  dpo        run a DPO recipe file (see recipes/02_dpo.yaml)
+  demo       the main job: the CodeMMLU report's forgetting finding reproduced offline (see llmft/demo.py), a few
+             minutes on 2 CPU cores the first time (it builds and caches a tiny pretrained base), less after
   sft-demo   the foundation path end to end: SFT on FineTome-shaped data, evaluation, adapters saved and reloaded
 """
 from __future__ import annotations
@@ -35,15 +37,52 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     sft.add_argument("--seed", type=int, default=3407, help="random seed (default: %(default)s)")
     sft.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="tiny architecture (default: llama)")
+    for name, what in (("train", "SFT"), ("dpo", "DPO")):
+        recipe = sub.add_parser(name, help=f"run a {what} recipe file (YAML)",
+                                description=f"Run a {what} recipe: load the model, read and convert the data, build "
+                                            "the trainer from the recipe's training section, train (resuming from "
+                                            "output_dir), plot and save the adapters (see llmft/recipes.py).")
+        recipe.add_argument("recipe", help="the recipe's YAML file")
+        recipe.add_argument("--smoke", action="store_true", help="apply the recipe's smoke section (tiny offline "
+                            "assets from llmft.testing), as LLMFT_SMOKE=1 does")
+        recipe.add_argument("--offline", action="store_true", help="no hub lookups (HF_HUB_OFFLINE=1); implied by "
+                            "--smoke")
     return parser
+
+
+def set_offline() -> None:
+    """Hub offline mode, in effect even though ``import llmft`` (which ``python -m llmft`` runs first) has already
+    imported huggingface_hub and datasets, which read ``HF_HUB_OFFLINE`` once at import: the variables are set for
+    child processes and the libraries' own switches are set too."""
+    import os
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[variable] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        from datasets import config
+
+        config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = True
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import os
+    if args.command in ("train", "dpo"):
+        from llmft import recipes
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        if args.smoke or args.offline:
+            set_offline()
+        try:  # a bad file or field name: a one-line message, before anything loads
+            recipes.check_recipe(recipes.load_recipe(args.recipe, smoke=args.smoke), args.command, args.recipe)
+        except (TypeError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        recipes.run_recipe(args.recipe, args.command, smoke=args.smoke or None)
+        return 0
+    set_offline()  # the demos use local assets only
     from llmft import demo
 
     if args.command == "sft-demo":

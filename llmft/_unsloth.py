@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 
+from llmft.log import say
 MIN_UNSLOTH_FOR_CPU = (2026, 10, 9)
 INSTALL_HINT = "Install the pinned stack with `bash scripts/install.sh` (see README.md)."
 
@@ -38,7 +39,7 @@ def pin_single_gpu_on_kaggle() -> str | None:
                       "Import llmft first, or set CUDA_VISIBLE_DEVICES=0 before importing torch.", stacklevel=3)
         return None
     os.environ["CUDA_VISIBLE_DEVICES"] = "0"
-    print("llmft: Kaggle detected; training on GPU 0 only (set CUDA_VISIBLE_DEVICES before import to change).")
+    say("llmft: Kaggle detected; training on GPU 0 only (set CUDA_VISIBLE_DEVICES before import to change).")
     return "0"
 
 

@@ -1,14 +1,14 @@
 """Training control that works for any trainer built on transformers' ``Trainer`` (TRL's SFTTrainer, DPOTrainer, ...).
 
 The callbacks rely only on what every trainer reports — ``on_log`` and ``on_evaluate(metrics=...)`` — and never run a
-forward pass of their own, so the same objects serve SFT and DPO (the lab's callback broke under DPO because its own
-evaluation fed SFT-shaped inputs to a DPO model).
+forward pass of their own, so the same objects serve SFT and DPO (the NTUA lab report's callback broke under DPO because
+its own evaluation fed SFT-shaped inputs to a DPO model).
 
 - :class:`MetricsLogger`: one CSV row per log/eval event, with GPU memory; safe against crashes and resumes.
 - :class:`BestCheckpoint`: saves the adapters when the chosen metric improves, keeps the K best, atomically.
 - :class:`EarlyStopping`: patience counted in evaluations, ``min_delta``, any metric and direction.
 - :class:`NonFiniteLossGuard`: stops on a NaN/inf loss and says where and why.
-- :class:`WeightDecayRamp`: weight decay rising from ``start`` to ``end`` over training (seed 000).
+- :class:`WeightDecayRamp`: weight decay rising from ``start`` to ``end`` over training (CodeMMLU report).
 
 Stateful callbacks implement transformers' ``ExportableState``: their state is saved in every checkpoint and restored
 on resume (``build_trainer`` sets ``restore_callback_states_from_checkpoint=True``).
@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from llmft.log import say
 from llmft.models import save_active_adapter
 
 CORE_COLUMNS = ["step", "epoch", "event", "loss", "learning_rate", "grad_norm", "weight_decay",
@@ -143,10 +144,10 @@ class MetricsLogger(TrainerCallback):
         kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= state.global_step]
         if columns and len(kept) != len(rows):
             if state.global_step == 0:
-                print(f"MetricsLogger: fresh run; replacing {len(rows)} rows of an earlier run in {self.path}")
+                say(f"MetricsLogger: fresh run; replacing {len(rows)} rows of an earlier run in {self.path}")
             else:
-                print(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows "
-                      "logged after that checkpoint (they will be logged again)")
+                say(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows "
+                    "logged after that checkpoint (they will be logged again)")
         self._rewrite(columns or list(CORE_COLUMNS), kept)
         self._loss_before_resume, self._tokens_before_resume = _totals_before(kept)
         if self.tensorboard and self._writer is None:
@@ -312,8 +313,8 @@ class EarlyStopping(TrainerCallback, ExportableState):
         if self.bad_evaluations >= self.patience and state.global_step < state.max_steps:
             self.stopped_at_step = state.global_step
             control.should_training_stop = True
-            print(f"EarlyStopping: {self.rule.metric} has not improved on {self.best_value:.6g} for "
-                  f"{self.bad_evaluations} evaluations; stopping at step {state.global_step}")
+            say(f"EarlyStopping: {self.rule.metric} has not improved on {self.best_value:.6g} for "
+                f"{self.bad_evaluations} evaluations; stopping at step {state.global_step}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -352,8 +353,8 @@ class NonFiniteLossGuard(TrainerCallback):
 
 
 class WeightDecayRamp(TrainerCallback, ExportableState):
-    """Weight decay moving linearly from ``start`` to ``end`` over training (seed 000: decay that rises keeps a model
-    from drifting far from its pretrained weights late in training). Parameter groups with zero decay (biases,
+    """Weight decay moving linearly from ``start`` to ``end`` over training (CodeMMLU report: decay that rises keeps a
+    model from drifting far from its pretrained weights late in training). Parameter groups with zero decay (biases,
     norms) stay at zero. The value in use is added to the logs as ``weight_decay``."""
 
     def __init__(self, start: float = 0.0, end: float = 0.1):

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 import ast
 import json
-import re
+import random
 
-from llmft.templates import CHOICE_LETTERS, format_alpaca, format_mcq
+from llmft.log import say
+from llmft.templates import CHOICE_LETTERS, answer_letter, format_alpaca, format_mcq
 
 # ShareGPT speaker names → chat roles (FineTome uses human/gpt; other dumps use user/assistant/model/bing/chatgpt).
 SHAREGPT_ROLES = {
@@ -88,8 +89,7 @@ def _finish(rows_out: list[dict], report: DataReport, verbose: bool, return_repo
     report.rows_out = len(rows_out)
     if not rows_out:
         raise DataError(f"{report.name}: no usable rows left.\n{report}")
-    if verbose:
-        print(report)
+    say(report, verbose)
     dataset = Dataset.from_list(rows_out)
     return (dataset, report) if return_report else dataset
 
@@ -152,8 +152,9 @@ def sharegpt_to_messages(dataset, *, column: str = "conversations", verbose: boo
 
 def alpaca_to_text(dataset, eos_token: str, *, instruction: str = "instruction", input: str = "input",
                    output: str = "output", verbose: bool = True, return_report: bool = False):
-    """Alpaca rows (``instruction``, optional ``input``, ``output``) → a ``text`` column in the seeds' Alpaca prompt,
-    ending with ``eos_token`` (pass ``tokenizer.eos_token``) so the model learns to stop.
+    """Alpaca rows (``instruction``, optional ``input``, ``output``) → a ``text`` column in the Alpaca prompt of the
+    NTUA lab report and the CodeMMLU report, ending with ``eos_token`` (pass ``tokenizer.eos_token``) so the model
+    learns to stop.
 
     Raises :class:`DataError` for a missing or non-string field. Skips and reports rows with an empty output.
     """
@@ -331,13 +332,6 @@ def parse_choices(value, where: str) -> list[str]:
     return [str(c) for c in value]
 
 
-_ANSWER_PATTERNS = [
-    re.compile(r"^\(?([A-J])\)?[.):]?$", re.I),                                       # "B", "(b)", "C.", "D)"
-    re.compile(r"^(?:the\s+)?(?:correct\s+)?answer\s*(?:is)?\s*[:：]?\s*\(?([A-J])\)?[.)]?$", re.I),  # "Answer: B"
-    re.compile(r"^(?:option|choice|đáp án|dap an)\s*[:：]?\s*\(?([A-J])\)?[.)]?$", re.I),  # "Option C", "Đáp án: D"
-]
-
-
 def normalize_answer(value, choices: list[str]) -> str | None:
     """A gold answer as a letter within ``choices``, or None when it cannot be resolved. Accepts a letter in messy
     form ("B", " c ", "(D)", "Answer: B", "Đáp án: A"), a 0-based index, or the text of one of the choices."""
@@ -346,11 +340,9 @@ def normalize_answer(value, choices: list[str]) -> str | None:
     if isinstance(value, int):
         return CHOICE_LETTERS[value] if 0 <= value < len(choices) else None
     text = str(value).strip()
-    for pattern in _ANSWER_PATTERNS:
-        match = pattern.match(text)
-        if match:
-            letter = match.group(1).upper()
-            return letter if CHOICE_LETTERS.index(letter) < len(choices) else None
+    letter = answer_letter(text, len(CHOICE_LETTERS), whole=True)  # any letter form, then its range
+    if letter is not None:
+        return letter if CHOICE_LETTERS.index(letter) < len(choices) else None
     exact = [i for i, c in enumerate(choices) if c.strip() == text]
     return CHOICE_LETTERS[exact[0]] if len(exact) == 1 else None
 
@@ -413,3 +405,53 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
             item.update(answer=letter, text=f"{prompt} {letter}{eos_token}")
         out.append(item)
     return _finish(out, report, verbose, return_report)
+
+
+def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = None, seed: int = 0,
+                 verbose: bool = True, return_report: bool = False):
+    """OpenAssistant/oasst1 flat message rows → evaluation pairs: each conversation's root prompt (a prompter message
+    without parent) with its best-ranked assistant reply (``rank == 0``) as the reference.
+
+    Deleted messages are ignored; trees in other languages (``lang=None`` keeps all), roots without a rank-0 reply and
+    orphan replies (whose parent is deleted, or missing from the rows given) are counted in the report, never dropped
+    silently. ``max_pairs`` takes a deterministic random sample
+    (``seed``). Returns a dataset with ``prompt``, ``reference``, ``message_tree_id``, ``lang``.
+    """
+    _require_columns(dataset, ["message_id", "parent_id", "role", "text", "rank"], "oasst1_pairs",
+                     "OpenAssistant/oasst1 rows are flat messages (+ lang, deleted, message_tree_id, ...).")
+    report = DataReport("oasst1_pairs", rows_in=len(dataset))
+    rows = list(dataset)
+    alive, deleted = {}, set()
+    for i, row in enumerate(rows):
+        if row.get("deleted"):
+            report.skip("deleted message", i)
+            deleted.add(row["message_id"])
+            continue
+        if row["role"] not in ("prompter", "assistant"):
+            raise DataError(f"row {i}, field 'role': expected 'prompter' or 'assistant', got {row['role']!r}")
+        alive[row["message_id"]] = (i, row)
+    children: dict[str, list[tuple[int, dict]]] = {}
+    for message_id, (i, row) in alive.items():
+        parent = row["parent_id"]
+        if parent is not None and parent not in alive:  # its subtree is not a root conversation
+            report.skip("orphan: parent deleted" if parent in deleted else "orphan: parent not in the rows", i)
+            continue
+        children.setdefault(parent, []).append((i, row))
+    pairs = []
+    for i, root in sorted(children.get(None, []), key=lambda item: item[1]["message_id"]):
+        if root["role"] != "prompter":
+            report.skip("root is not a prompter message", i)
+            continue
+        if lang is not None and root.get("lang") != lang:
+            report.skip(f"language is not {lang!r}", i)
+            continue
+        best = [r for _, r in children.get(root["message_id"], []) if r["role"] == "assistant" and r["rank"] == 0]
+        if not best:
+            report.skip("no rank-0 assistant reply", i)
+            continue
+        pairs.append({"prompt": root["text"], "reference": best[0]["text"],
+                      "message_tree_id": root.get("message_tree_id", root["message_id"]), "lang": root.get("lang")})
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = sorted(random.Random(seed).sample(pairs, max_pairs), key=lambda p: p["message_tree_id"])
+    # non-root messages are not pairs: they are read only to find each root's best reply
+    return _finish(pairs, report, verbose, return_report)

@@ -1,10 +1,10 @@
-"""The offline demo (``python -m llmft demo``): the seeds' forgetting finding reproduced on a laptop CPU.
+"""The offline demo (``python -m llmft demo``): the CodeMMLU report's forgetting finding reproduced on a laptop CPU.
 
 1. Build (once, cached) a tiny "pretrained" Llama that knows the Fibonacci sequence: full training on an Alpaca mix of
    Fibonacci windows, programming Q&A and arithmetic sequences.
 2. Fine-tune it with LoRA through ``build_trainer`` on multiple-choice questions for 0.2 epoch and 1 epoch, 1 epoch
    with knowledge distillation from the base, and 1 epoch with the Chebyshev schedule (separate runs).
-3. Probe every run with the Fibonacci probe (the seed's headline prompt and 116 other windows), score the MCQ
+3. Probe every run with the Fibonacci probe (the CodeMMLU report's headline prompt and 116 other windows), score the MCQ
    validation set against the majority-letter baseline, and write plots, a JSON and a Markdown summary.
 
 Such a tiny model learns the answer-letter *format*, not programming knowledge: MCQ accuracy is reported next to the
@@ -14,65 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 from llmft import testing
+from llmft.testing import pretrained_base  # noqa: F401  (the demo's base; built and cached by llmft.testing)
 from llmft._unsloth import pinned_cpu_precision
-from llmft.templates import format_alpaca
-
-ARITHMETIC_INSTRUCTION = "Continue the arithmetic sequence."
-
-
-def pretraining_texts(eos_token: str, seed: int = 0) -> list[str]:
-    """The tiny base's curriculum: every Fibonacci probe window (x3), programming Q&A and arithmetic sequences."""
-    from llmft.probes import FIBONACCI_INSTRUCTION, fibonacci_probe
-
-    rng = random.Random(seed)
-    probe = fibonacci_probe()
-    texts = [format_alpaca(FIBONACCI_INSTRUCTION, window, answer, eos_token)
-             for window, answer in zip(probe.labels, probe.answers)] * 3
-    for topic, answer in testing._TOPICS:
-        texts += [format_alpaca(f"Explain {topic} in one sentence.", response=answer, eos_token=eos_token)] * 8
-    for _ in range(300):
-        start, step, length = rng.randrange(1, 30), rng.randrange(1, 10), rng.randrange(3, 7)
-        terms = [start + step * k for k in range(length + 1)]
-        texts.append(format_alpaca(ARITHMETIC_INSTRUCTION, ", ".join(map(str, terms[:-1])), str(terms[-1]), eos_token))
-    rng.shuffle(texts)
-    return texts
-
-
-def pretrained_base(steps: int = 600, seed: int = 0, verbose: bool = True) -> Path:
-    """Directory of the tiny base (hidden 128, 4 layers) after full training on :func:`pretraining_texts`, cached
-    like the other test assets (built once, about two minutes on 2 CPU cores for 600 steps)."""
-    import llmft
-    from datasets import Dataset
-
-    def build(tmp: Path) -> None:
-        start = time.time()
-        model, tokenizer = llmft.load_model(str(testing.tiny_model_dir("llama", hidden_size=128, num_layers=4)),
-                                            max_seq_length=256, lora_r=None, load_in_4bit=False,
-                                            full_finetuning=True, seed=seed)
-        texts = Dataset.from_dict({"text": pretraining_texts(tokenizer.eos_token, seed)})
-        trainer = llmft.build_trainer(
-            model, tokenizer, texts, output_dir=str(tmp / "_run"), max_steps=steps, per_device_train_batch_size=32,
-            gradient_accumulation_steps=1, learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine",
-            weight_decay=0.0, instruction_part="### Instruction:\n", response_part="### Response:\n",
-            save_strategy="no", metrics_csv=False, seed=seed, verbose=False, disable_tqdm=not verbose)
-        trainer.train()
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        import shutil
-
-        shutil.rmtree(tmp / "_run", ignore_errors=True)
-        (tmp / "pretraining.json").write_text(json.dumps({"steps": steps, "seconds": round(time.time() - start, 1)}))
-
-    target = testing._spec_dir("pretrained-fibonacci", {"steps": steps, "seed": seed, "v": 1})
-    if verbose and not (target / ".complete").exists():
-        print(f"building the tiny pretrained base ({steps} full-training steps, cached in {target})")
-    return testing._build_atomically(target, build)
-
+from llmft.experiments import mcq_accuracy, run_experiment
+from llmft.log import say
 
 CURVE_RUN = "1 epoch"  # the run whose checkpoints are probed for the forgetting curve
 # LoRA runs use a 16-bit base: on a CPU, Unsloth's 4-bit path is several times slower per step for this tiny model,
@@ -113,60 +62,47 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seed, learning_rat
     base_dir = pretrained_base(pretrain_steps, verbose=verbose)
     probe = probes.fibonacci_probe(max_items=probe_items)
 
-    print("[1/4] probing the pretrained base")
-    model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
-                                        load_in_4bit=LOAD_IN_4BIT)
-    with model.disable_adapter():
-        base_probe = probes.run_probe(model, tokenizer, probe, model_name="base", progress=verbose)
+    say("[1/4] loading the pretrained base and the MCQ data")
+    load_options = dict(max_seq_length=384, lora_r=16, seed=seed, load_in_4bit=LOAD_IN_4BIT)
+    model, tokenizer = llmft.load_model(str(base_dir), **load_options)
     rows = llmft.mcq_rows(testing.tiny_codemmlu(mcq_rows, seed=seed), eos_token=tokenizer.eos_token, verbose=False)
     val = llmft.mcq_rows(testing.tiny_codemmlu(100, seed=seed + 1), eos_token=tokenizer.eos_token, verbose=False)
     baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
-    with model.disable_adapter():
-        base_mcq = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
+    steps_per_epoch = -(-len(rows) // batch_size)
+    # Only CURVE_RUN evaluates and keeps checkpoints (for the forgetting curve): the others just train.
+    variants = {name: {**options, **({"save_strategy": "steps"} if name == CURVE_RUN else
+                                     {"save_strategy": "no", "eval_strategy": "no"})} for name, options in runs}
+    curve_run = {}
+
+    def keep_curve(name, model, tokenizer, trainer):
+        if name == CURVE_RUN:  # probed now, while this run's model is loaded
+            curve_run["curve"] = probes.probe_checkpoints(model, tokenizer, probe, trainer.args.output_dir)
+            curve_run["run_dir"] = trainer.args.output_dir
+
+    say(f"[2/4] base + {len(variants)} LoRA runs on MCQ: {', '.join(variants)}")
+    experiment = run_experiment(
+        str(base_dir), variants, rows.select_columns(["text"]), val.select_columns(["text"]),
+        output_dir=str(out / "runs"), load_options=load_options, loaded=(model, tokenizer),
+        trainer_options=dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+                             learning_rate=learning_rate, warmup_steps=5,
+                             instruction_part=templates.MCQ_INSTRUCTION_PART,
+                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None,
+                             save_total_limit=None, eval_steps=max(1, steps_per_epoch // 5), seed=seed,
+                             disable_tqdm=not verbose),
+        probes={"probe": probe}, scorers={"mcq_accuracy": mcq_accuracy(val)}, base_name="base (no fine-tuning)",
+        on_run=keep_curve, resume=False, save_adapters=False, progress=verbose, verbose=verbose)
+    table = experiment.table.rename(columns={"probe_headline": "headline_answer"})
     results = {"precision": pinned, "probe_items": len(probe.prompts), "mcq_train_rows": len(rows),
                "mcq_val_rows": len(val),
-               "majority_baseline": {"letter": baseline_letter, "accuracy": baseline}, "runs": []}
-    results["runs"].append({
-        "run": "base (no fine-tuning)", "steps": 0,
-        "probe_accuracy": float(base_probe["correct"].mean()), "headline_answer": base_probe.loc[0, "answer"],
-        "mcq_accuracy": float((base_mcq["prediction"] == list(val["answer"])).mean()), "train_seconds": 0.0})
+               "majority_baseline": {"letter": baseline_letter, "accuracy": baseline},
+               "runs": json.loads(table[["run", "steps", "probe_accuracy", "headline_answer", "mcq_accuracy",
+                                         "train_seconds"]].to_json(orient="records"))}
+    tables = [experiment.answers]
 
-    tables = [base_probe.assign(run="base")]
-    curve_run = None
-    for index, (name, options) in enumerate(runs):
-        print(f"[2/4] run {index + 1}/{len(runs)}: LoRA on MCQ, {name}")
-        if index:
-            model, tokenizer = llmft.load_model(str(base_dir), max_seq_length=384, lora_r=16, seed=seed,
-                                                load_in_4bit=LOAD_IN_4BIT)
-        run_dir = out / "runs" / name.replace(" ", "_").replace("+", "plus").replace(".", "p")
-        curve = name == CURVE_RUN  # only this run evaluates and keeps checkpoints: the others just train
-        steps_per_epoch = -(-len(rows) // batch_size)
-        trainer = llmft.build_trainer(
-            model, tokenizer, rows.select_columns(["text"]), val.select_columns(["text"]) if curve else None,
-            output_dir=str(run_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-            learning_rate=learning_rate, warmup_steps=5, instruction_part=templates.MCQ_INSTRUCTION_PART,
-            response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None, save_total_limit=None,
-            eval_steps=max(1, steps_per_epoch // 5), save_strategy="steps" if curve else "no", seed=seed,
-            verbose=False, disable_tqdm=not verbose, **options)
-        t0 = time.time()
-        stats = llmft.train(trainer, resume=False)
-        seconds = time.time() - t0
-        table = probes.run_probe(model, tokenizer, probe, model_name=name, progress=verbose)
-        scores = mcq.score_choices(model, tokenizer, list(val["prompt"]), list(val["n_choices"]), progress=False)
-        results["runs"].append({
-            "run": name, "steps": stats.global_step, "probe_accuracy": float(table["correct"].mean()),
-            "headline_answer": table.loc[0, "answer"],
-            "mcq_accuracy": float((scores["prediction"] == list(val["answer"])).mean()),
-            "train_seconds": round(seconds, 1)})
-        tables.append(table.assign(run=name))
-        if curve:
-            curve_run = (run_dir, model, tokenizer)
-
-    print("[3/4] forgetting curve across the 1-epoch run's checkpoints")
+    say("[3/4] forgetting curve across the 1-epoch run's checkpoints")
     figures = {}
-    if curve_run is not None:
-        run_dir, model, tokenizer = curve_run
-        curve = probes.probe_checkpoints(model, tokenizer, probe, run_dir)
+    if curve_run:
+        run_dir, curve = curve_run["run_dir"], curve_run["curve"]
         by_step = probes.accuracy_by(curve, "step")
         results["forgetting_curve"] = [
             {"step": int(step), "probe_accuracy": float(row.probe_accuracy), "headline_answer": row.headline_answer}
@@ -177,10 +113,9 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seed, learning_rat
         figures = {"forgetting_curve": str(out / "forgetting_curve.png"),
                    "training_curves": str(out / "training_curves.png")}
 
-    print("[4/4] summary")
+    say("[4/4] summary")
     summary = pd.DataFrame(results["runs"])
-    fig = _plot_runs(summary, baseline)
-    fig.savefig(out / "forgetting_by_run.png", dpi=110)
+    _plot_runs(summary, baseline, out / "forgetting_by_run.png")
     figures["forgetting_by_run"] = str(out / "forgetting_by_run.png")
     pd.concat(tables).to_csv(out / "probe_answers.csv", index=False)
     results.update(seconds=round(time.time() - started, 1), figures=figures,
@@ -188,13 +123,15 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seed, learning_rat
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table_md = _summary_markdown(summary, baseline_letter, baseline, len(probe.prompts), pinned)
     (out / "summary.md").write_text(table_md)
-    print(table_md)
-    print(f"done in {results['seconds']} s; results in {out}")
+    say(table_md)
+    say(f"done in {results['seconds']} s; results in {out}")
     return results
 
 
-def _plot_runs(summary, baseline: float):
+def _plot_runs(summary, baseline: float, path):
     import matplotlib.pyplot as plt
+
+    from llmft.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(9, 4))
     x = range(len(summary))
@@ -204,8 +141,7 @@ def _plot_runs(summary, baseline: float):
     ax.set_xticks(list(x), summary["run"], rotation=15)
     ax.set(ylim=(0, 1.05), title="What fine-tuning on MCQ costs: probe vs task")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return save_figure(fig, path)
 
 
 def _summary_markdown(summary, letter: str, baseline: float, n_items: int, pinned: dict) -> str:
@@ -261,6 +197,6 @@ def run_sft_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     lines = ["| prompt | before | after SFT |", "|---|---|---|"]
     lines += [f"| {g['prompt']} | {g['before']!r} | {g['after']!r} |" for g in results["generations"]]
     (out / "generations.md").write_text("\n".join(lines) + "\n")
-    print(f"eval loss {eval_before:.3f} -> {eval_after:.3f} after {train_result.global_step} steps; reloaded adapters "
-          f"identical: {results['reloaded_adapters_match']}; results in {out}")
+    say(f"eval loss {eval_before:.3f} -> {eval_after:.3f} after {train_result.global_step} steps; reloaded adapters "
+        f"identical: {results['reloaded_adapters_match']}; results in {out}")
     return results

@@ -2,12 +2,13 @@
 a qualitative side-by-side table.
 
 The metrics are thin calls into sacreBLEU, rouge-score and bert-score with the settings of the hub's ``evaluate``
-metrics, so numbers line up with the lab's table, corrected where those settings are wrong for our users' languages:
-ROUGE reads words in any script (rouge-score's default keeps only ``[a-z0-9]``; ``tokenizer="hub"`` restores it),
-BLEU follows the hub's algorithm exactly (shortest-reference brevity penalty), and BERTScore encodes RoBERTa/GPT-2
-inputs with their leading space as bert-score intends, also under transformers 5. ``evaluate.load("bleu")`` fetches its code from the hub at run time
-and fails offline (and in Kaggle competitions with the internet off); the same metrics ship inside llmft as
-``evaluate`` modules: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``.
+metrics, so numbers line up with the NTUA lab report's table, corrected where those settings are wrong for our users'
+languages: ROUGE reads words in any script (rouge-score's default keeps only ``[a-z0-9]``; ``tokenizer="hub"`` restores
+it), BLEU follows the hub's algorithm exactly (shortest-reference brevity penalty), and BERTScore encodes RoBERTa/GPT-2
+inputs with their leading space as bert-score intends, also under transformers 5. ``evaluate.load("bleu")`` fetches its
+code from the hub at run time and fails offline (and in Kaggle competitions with the internet off); the same metrics
+ship inside llmft as ``evaluate``
+modules: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``.
 """
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ import hashlib
 import json
 import math
 import os
-import random
 import unicodedata
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Sequence
 
-from llmft.data import DataError, DataReport
+from llmft.data import oasst1_pairs  # noqa: F401  (its home is llmft.data; kept here for old notebooks)
 from llmft.models import restore_saved_adapter_dtype
 
 METRIC_NAMES = ("bleu", "rouge", "bertscore")
@@ -312,74 +312,12 @@ def bertscore(predictions: Sequence[str], references, model_type: str | None = N
 
 
 def score_all(predictions: Sequence[str], references, **bertscore_options) -> "OrderedDict[str, float]":
-    """The lab's table row: BLEU, ROUGE-1/2/L/Lsum and BERTScore P/R/F1 for one set of predictions."""
+    """The NTUA lab report's table row: BLEU, ROUGE-1/2/L/Lsum and BERTScore P/R/F1 for one set of predictions."""
     b, r = bleu(predictions, references), rouge(predictions, references)
     s = bertscore(predictions, references, **bertscore_options)
     return OrderedDict([("BLEU", b["bleu"]), ("ROUGE-1", r["rouge1"]), ("ROUGE-2", r["rouge2"]),
                         ("ROUGE-L", r["rougeL"]), ("ROUGE-Lsum", r["rougeLsum"]), ("BERTScore P", s["precision"]),
                         ("BERTScore R", s["recall"]), ("BERTScore F1", s["f1"])])
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# oasst1 → evaluation pairs
-# --------------------------------------------------------------------------------------------------------------------
-def oasst1_pairs(dataset, *, lang: str | None = "en", max_pairs: int | None = None, seed: int = 0,
-                 verbose: bool = True, return_report: bool = False):
-    """OpenAssistant/oasst1 flat message rows → evaluation pairs: each conversation's root prompt (a prompter message
-    without parent) with its best-ranked assistant reply (``rank == 0``) as the reference.
-
-    Deleted messages are ignored; trees in other languages (``lang=None`` keeps all), roots without a rank-0 reply and
-    orphan replies (whose parent is deleted, or missing from the rows given) are counted in the report, never dropped
-    silently. ``max_pairs`` takes a deterministic random sample
-    (``seed``). Returns a dataset with ``prompt``, ``reference``, ``message_tree_id``, ``lang``.
-    """
-    from datasets import Dataset
-
-    needed = ["message_id", "parent_id", "role", "text", "rank"]
-    missing = [c for c in needed if c not in dataset.column_names]
-    if missing:
-        raise DataError(f"oasst1_pairs: no column(s) {missing}; oasst1 rows have {needed} (+ lang, deleted, ...)")
-    report = DataReport("oasst1_pairs", rows_in=len(dataset))
-    rows = list(dataset)
-    alive, deleted = {}, set()
-    for i, row in enumerate(rows):
-        if row.get("deleted"):
-            report.skip("deleted message", i)
-            deleted.add(row["message_id"])
-            continue
-        if row["role"] not in ("prompter", "assistant"):
-            raise DataError(f"row {i}, field 'role': expected 'prompter' or 'assistant', got {row['role']!r}")
-        alive[row["message_id"]] = (i, row)
-    children: dict[str, list[tuple[int, dict]]] = {}
-    for message_id, (i, row) in alive.items():
-        parent = row["parent_id"]
-        if parent is not None and parent not in alive:  # its subtree is not a root conversation
-            report.skip("orphan: parent deleted" if parent in deleted else "orphan: parent not in the rows", i)
-            continue
-        children.setdefault(parent, []).append((i, row))
-    pairs = []
-    for i, root in sorted(children.get(None, []), key=lambda item: item[1]["message_id"]):
-        if root["role"] != "prompter":
-            report.skip("root is not a prompter message", i)
-            continue
-        if lang is not None and root.get("lang") != lang:
-            report.skip(f"language is not {lang!r}", i)
-            continue
-        best = [r for _, r in children.get(root["message_id"], []) if r["role"] == "assistant" and r["rank"] == 0]
-        if not best:
-            report.skip("no rank-0 assistant reply", i)
-            continue
-        pairs.append({"prompt": root["text"], "reference": best[0]["text"],
-                      "message_tree_id": root.get("message_tree_id", root["message_id"]), "lang": root.get("lang")})
-    if max_pairs is not None and len(pairs) > max_pairs:
-        pairs = sorted(random.Random(seed).sample(pairs, max_pairs), key=lambda p: p["message_tree_id"])
-    report.rows_out = len(pairs)
-    if not pairs:
-        raise DataError(f"oasst1_pairs: no pairs found.\n{report}")
-    if verbose:
-        print(f"{report}\n  (non-root messages are not pairs; they are read only to find each root's best reply)")
-    out = Dataset.from_list(pairs)
-    return (out, report) if return_report else out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -449,8 +387,8 @@ def compare_models(model, tokenizer, prompts, references, adapters: dict | None 
                    plot: bool = True, bertscore_options: dict | None = None, **generate_options):
     """Generate with the base model (adapter disabled) and each named adapter on the same prompts
     (:func:`generate_by_model`), then score each against ``references``. Returns ``(table, answers, figure)``: a
-    DataFrame with one row per model and the lab's columns (BLEU, ROUGE-1/2/L/Lsum, BERTScore P/R/F1), the answers
-    per model, and a bar chart (None with ``plot=False``).
+    DataFrame with one row per model and the NTUA lab report's columns (BLEU, ROUGE-1/2/L/Lsum, BERTScore P/R/F1), the
+    answers per model, and a bar chart (None with ``plot=False``).
 
     ``adapters``: ``{"SFT": "outputs/01_sft/adapters", "DPO": "outputs/02_dpo/adapters"}``. Prompts: strings or
     chat message lists. ``bertscore_options``: e.g. ``{"model_type": minilm_model_dir(), "num_layers": 6}`` offline.
@@ -467,17 +405,16 @@ def compare_models(model, tokenizer, prompts, references, adapters: dict | None 
 
 
 def plot_comparison(table, path: str | os.PathLike | None = None):
-    """Grouped bars: one group per metric, one bar per model (the lab's table as a chart)."""
+    """Grouped bars: one group per metric, one bar per model (the NTUA lab report's table as a chart)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 4))
     table.T.plot.bar(ax=ax, rot=0)
     ax.set(ylabel="score", title="Model comparison")
     ax.legend(title="model")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    from llmft.plots import save_figure
+
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -491,7 +428,7 @@ DEFAULT_QUESTIONS = (
     "Invent a short fable with a fox and a computer, and give its moral.",  # creative
     "A bat and a ball cost $1.10 in total. The bat costs $1.00 more than the ball. How much does the ball cost?",
     "If all bloops are razzies and all razzies are lazzies, are all bloops lazzies? Explain.",  # reasoning
-    "Continue the fibonnaci sequence: 1, 1, 2, 3, 5, 8",  # reasoning (the seeds' forgetting probe)
+    "Continue the fibonnaci sequence: 1, 1, 2, 3, 5, 8",  # reasoning (the CodeMMLU report's forgetting probe)
 )
 
 

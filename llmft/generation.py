@@ -44,6 +44,18 @@ def inference_mode(model):
             FastLanguageModel.for_training(model)
 
 
+@contextmanager
+def left_padding(tokenizer):
+    """Pad on the left for the duration of a block (decoder-only models continue from the last real token, so a
+    batch's last position must be real for every row); the tokenizer's own side is restored after."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = padding_side
+
+
 def pad_token_id(tokenizer) -> int | None:
     """The id inputs are padded with: the tokenizer's pad id, else its eos id. An id of 0 is a real id (``<unk>``,
     the pad of the Llama-2 / Mistral family), so this tests for None, never for truth."""
@@ -89,26 +101,22 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: i
         raise ValueError(f"generate_batch(batch_size={batch_size}): must be at least 1")
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     results: list[str] = []
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only models continue from the last real token
     if tokenizer.pad_token is None:  # pad with eos; generate gets the same id (pad_token_id)
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        with inference_mode(model), torch.no_grad(), tqdm(total=len(rendered), desc=desc, disable=not progress) as bar:
-            for start in range(0, len(rendered), batch_size):
-                chunk = rendered[start:start + batch_size]
-                # Chats and plain strings differ in BOS handling; a batch shares one setting, so group by it.
-                special = chunk[0][1]
-                if any(s != special for _, s in chunk):
-                    raise ValueError("generate_batch: mix of chat and plain-string prompts; pass one kind per call")
-                inputs = tokenizer([t for t, _ in chunk], return_tensors="pt", padding=True,
-                                   add_special_tokens=special).to(model.device)
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                        **_sampling_kwargs(do_sample, temperature, min_p, tokenizer),
-                                        **generate_kwargs)
-                new_tokens = output[:, inputs["input_ids"].shape[1]:]
-                results += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                bar.update(len(chunk))
-    finally:
-        tokenizer.padding_side = padding_side
+    with left_padding(tokenizer), inference_mode(model), torch.no_grad(), \
+            tqdm(total=len(rendered), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(rendered), batch_size):
+            chunk = rendered[start:start + batch_size]
+            # Chats and plain strings differ in BOS handling; a batch shares one setting, so group by it.
+            special = chunk[0][1]
+            if any(s != special for _, s in chunk):
+                raise ValueError("generate_batch: mix of chat and plain-string prompts; pass one kind per call")
+            inputs = tokenizer([t for t, _ in chunk], return_tensors="pt", padding=True,
+                               add_special_tokens=special).to(model.device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                    **_sampling_kwargs(do_sample, temperature, min_p, tokenizer),
+                                    **generate_kwargs)
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            results += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            bar.update(len(chunk))
     return results

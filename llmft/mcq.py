@@ -6,12 +6,11 @@ Prompts come from :func:`llmft.data.mcq_rows` (they end with "Answer:"; the answ
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from llmft.templates import CHOICE_LETTERS
+from llmft.templates import CHOICE_LETTERS, answer_letter
 
 
 class SubmissionError(ValueError):
@@ -38,57 +37,35 @@ def score_choices(model, tokenizer, prompts: Sequence[str], n_choices: Sequence[
     import torch
     from tqdm.auto import tqdm
 
-    from llmft.generation import inference_mode
+    from llmft.generation import inference_mode, left_padding
 
     if len(prompts) != len(n_choices):
         raise ValueError(f"score_choices: {len(prompts)} prompts but {len(n_choices)} n_choices")
     width = max(n_choices) if n_choices else 0
     letter_ids = _letter_token_ids(tokenizer, width)
     rows = []
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with inference_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="scoring choices",
-                                                          disable=not progress) as bar:
-            for start in range(0, len(prompts), batch_size):
-                chunk = [p.rstrip() for p in prompts[start:start + batch_size]]
-                inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
-                # Only the last position's logits: the full (batch, length, vocabulary) tensor would be the largest
-                # of the run on a T4 with a 151k-token vocabulary. Left padding makes -1 the last real token.
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
-                logprobs = torch.log_softmax(logits, dim=-1)[:, letter_ids].cpu()
-                for k, n in enumerate(n_choices[start:start + batch_size]):
-                    values = logprobs[k, :n].tolist()
-                    best = max(range(n), key=lambda j: values[j])
-                    rows.append({"prediction": CHOICE_LETTERS[best],
-                                 **{f"logprob_{CHOICE_LETTERS[j]}": (values[j] if j < n else float("nan"))
-                                    for j in range(width)}})
-                bar.update(len(chunk))
-    finally:
-        tokenizer.padding_side = padding_side
+    with left_padding(tokenizer), inference_mode(model), torch.no_grad(), \
+            tqdm(total=len(prompts), desc="scoring choices", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [p.rstrip() for p in prompts[start:start + batch_size]]
+            inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+            # Only the last position's logits: the full (batch, length, vocabulary) tensor would be the largest
+            # of the run on a T4 with a 151k-token vocabulary. Left padding makes -1 the last real token.
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1)[:, letter_ids].cpu()
+            for k, n in enumerate(n_choices[start:start + batch_size]):
+                values = logprobs[k, :n].tolist()
+                best = max(range(n), key=lambda j: values[j])
+                rows.append({"prediction": CHOICE_LETTERS[best],
+                             **{f"logprob_{CHOICE_LETTERS[j]}": (values[j] if j < n else float("nan"))
+                                for j in range(width)}})
+            bar.update(len(chunk))
     return pd.DataFrame(rows)
 
 
-# (pattern, flags), most specific first. The last two are case-sensitive: a lowercase "a" is usually an article.
-_EXTRACT_PATTERNS = [
-    (r"answer\s*(?:is|:|：)\s*\(?([A-J])\)?(?![A-Za-z])", re.I),      # "the answer is (B)", "Answer: C"
-    (r"\(?\b([A-J])\)?\s+is\s+(?:the\s+)?correct", re.I),               # "B is correct", "(C) is the correct"
-    (r"(?:option|choice)\s*\(?([A-J])\)?(?![A-Za-z])", re.I),          # "option D"
-    (r"^\s*\(?([A-J])\)?(?:[.):]|\s|$)", re.M),                         # a line starting with "B." / "(C)" / "A"
-    (r"(?<![A-Za-z])([A-J])(?![A-Za-z])", 0),                             # the first standalone capital letter
-]
-
-
 def extract_answer(text: str, n_choices: int = 4) -> str | None:
-    """The answer letter in generated text, or None: tries "answer is (B)", "B is correct", "option D", a leading
-    letter, then the first standalone capital letter within the row's choices."""
-    valid = CHOICE_LETTERS[:n_choices]
-    for pattern, flags in _EXTRACT_PATTERNS:
-        for match in re.finditer(pattern, text, flags):
-            letter = match.group(1).upper()
-            if letter in valid:
-                return letter
-    return None
+    """The answer letter in generated text, or None (see :func:`llmft.templates.answer_letter`)."""
+    return answer_letter(text, n_choices, whole=False)
 
 
 def predict_by_generation(model, tokenizer, prompts: Sequence[str], n_choices: Sequence[int], *,

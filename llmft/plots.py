@@ -1,5 +1,5 @@
-"""Plots people would rather look at than read: the lab's four training panels (train loss, validation loss, learning
-rate, GPU memory) from the metrics CSV or a trainer, and the shape of a learning-rate schedule.
+"""Plots people would rather look at than read: the NTUA lab report's four training panels (train loss, validation loss,
+learning rate, GPU memory) from the metrics CSV or a trainer, and the shape of a learning-rate schedule.
 
 Every function returns the matplotlib Figure (shown inline in notebooks) and saves a PNG when given ``path``.
 """
@@ -36,7 +36,9 @@ def _series(frame, column):
     return points if len(points) else None
 
 
-def _save(fig, path):
+def save_figure(fig, path: str | os.PathLike | None = None):
+    """Lay ``fig`` out tightly and, when ``path`` is given, write it (PNG at 110 dpi); returns the figure. Every llmft
+    plot ends here."""
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -44,8 +46,8 @@ def _save(fig, path):
 
 
 def plot_training(source, path: str | os.PathLike | None = None, title: str = "Training"):
-    """The lab's four panels: train loss, validation loss, learning rate and GPU memory (reserved and allocated,
-    GB; flat at 0 on a CPU) against the step."""
+    """The NTUA lab report's four panels: train loss, validation loss, learning rate and GPU memory (reserved and
+    allocated, GB; flat at 0 on a CPU) against the step."""
     import matplotlib.pyplot as plt
 
     frame = load_metrics(source)
@@ -69,7 +71,7 @@ def plot_training(source, path: str | os.PathLike | None = None, title: str = "T
         elif len(lines) > 1:
             ax.legend()
         ax.set(xlabel="step", title=f"{title}: {name}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_schedule(scheduler, num_training_steps: int, peak_lr: float = 2e-4, path: str | os.PathLike | None = None,
@@ -77,10 +79,8 @@ def plot_schedule(scheduler, num_training_steps: int, peak_lr: float = 2e-4, pat
     """The learning rate a schedule gives at each step (a name from :data:`llmft.schedulers.SCHEDULES`, a factory,
     or several names as a list), next to transformers' schedules named in ``compare``."""
     import matplotlib.pyplot as plt
-    import torch
-    from transformers import get_scheduler
 
-    from llmft.schedulers import schedule_curve
+    from llmft.schedulers import schedule_curve, transformers_schedule
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for name in scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]:
@@ -88,18 +88,11 @@ def plot_schedule(scheduler, num_training_steps: int, peak_lr: float = 2e-4, pat
         ax.plot(schedule_curve(name, num_training_steps, peak_lr, **options), label=label)
     warmup = options.get("warmup_steps", 0)
     for name in compare:
-        param = torch.nn.Parameter(torch.zeros(1))
-        optimizer = torch.optim.SGD([param], lr=peak_lr)
-        sched = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps)
-        curve = []
-        for _ in range(num_training_steps):
-            curve.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            sched.step()
+        curve = schedule_curve(transformers_schedule(name), num_training_steps, peak_lr, warmup_steps=warmup)
         ax.plot(curve, "--", color="gray", label=f"{name} (transformers)")
     ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_dpo(source, path: str | os.PathLike | None = None, title: str = "DPO"):
@@ -129,4 +122,4 @@ def plot_dpo(source, path: str | os.PathLike | None = None, title: str = "DPO"):
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set(xlabel="step", title=f"{title}: {name}")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,15 +1,14 @@
 """Forgetting probes: prompts with known answers that a model should keep answering while it is fine-tuned on
 something else.
 
-The built-in probe is the CodeMMLU report's (seed 000): the Alpaca prompt "Continue the fibonnaci sequence." (the
-seed's spelling) with input "1, 1, 2, 3, 5, 8" and answer 13, plus windows of the sequence at other offsets and
-lengths. A probe is scored by exact match on the next term, and every answer is kept so you can see *how* it fails
-(the seed's model answered "2" after one epoch). Probes run on a model, on base vs adapters, or across a run's
-checkpoints, and give a tidy DataFrame and a forgetting curve.
+The built-in probe is the CodeMMLU report's: the Alpaca prompt "Continue the fibonnaci sequence." (the CodeMMLU report's
+spelling) with input "1, 1, 2, 3, 5, 8" and answer 13, plus windows of the sequence at other offsets and lengths. A
+probe is scored by exact match on the next term, and every answer is kept so you can see *how* it fails (the CodeMMLU
+report's model answered "2" after one epoch). Probes run on a model, on base vs adapters, or across a run's checkpoints,
+and give a tidy DataFrame and a forgetting curve.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,8 +16,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from llmft.templates import format_alpaca
+from llmft.trainers import checkpoints  # one rule for complete checkpoints
 
-FIBONACCI_INSTRUCTION = "Continue the fibonnaci sequence."  # the seed's spelling, kept on purpose
+FIBONACCI_INSTRUCTION = "Continue the fibonnaci sequence."  # the CodeMMLU report's spelling, kept on purpose
 HEADLINE_INPUT = "1, 1, 2, 3, 5, 8"
 
 
@@ -64,9 +64,9 @@ class Probe:
 
 
 def fibonacci_probe(n_terms: int = 25, lengths: Sequence[int] = range(3, 9), max_items: int | None = None) -> Probe:
-    """The seed's headline prompt first, then every window of ``lengths`` consecutive terms whose next term is among
-    the first ``n_terms`` Fibonacci numbers (117 items for the defaults, the headline included), each asking for the
-    next term, in the seed's Alpaca prompt."""
+    """The CodeMMLU report's headline prompt first, then every window of ``lengths`` consecutive terms whose next term
+    is among the first ``n_terms`` Fibonacci numbers (117 items for the defaults, the headline included), each asking
+    for the next term, in the CodeMMLU report's Alpaca prompt."""
     seq = fibonacci(n_terms)
     items = [(HEADLINE_INPUT, "13")]
     for length in lengths:
@@ -83,7 +83,8 @@ def fibonacci_probe(n_terms: int = 25, lengths: Sequence[int] = range(3, 9), max
 def custom_probe(name: str, pairs=None, *, dataset=None, question: str = "question", answer: str = "answer",
                  template: str = "chat", scorer: Callable[[str, str], bool] = exact_match) -> Probe:
     """A probe from ``(question, answer)`` pairs or a dataset with ``question``/``answer`` columns. ``template``:
-    "chat" (a user message), "alpaca" (the seeds' Alpaca prompt) or "raw" (the question as is)."""
+    "chat" (a user message), "alpaca" (the Alpaca prompt of the NTUA lab report and the CodeMMLU report) or "raw" (the
+    question as is)."""
     if (pairs is None) == (dataset is None):
         raise ValueError("custom_probe: give pairs or dataset, not both")
     if dataset is not None:
@@ -135,17 +136,6 @@ def probe_models(model, tokenizer, probe: Probe, adapters: dict | None = None, *
     answers = generate_by_model(model, tokenizer, probe.prompts, adapters, include_base=include_base,
                                 cache_dir=cache_dir, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return pd.concat([score_answers(probe, texts, name) for name, texts in answers.items()], ignore_index=True)
-
-
-def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, float, str]]:
-    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's output directory, in step order."""
-    found = []
-    for path in Path(run_dir).glob("checkpoint-*"):
-        state = path / "trainer_state.json"
-        if state.exists() and (path / "adapter_config.json").exists():
-            info = json.loads(state.read_text())
-            found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
-    return sorted(found)
 
 
 def probe_checkpoints(model, tokenizer, probe: Probe, run_dir: str | os.PathLike, *, include_base: bool = True,
@@ -200,7 +190,6 @@ def plot_forgetting(table, metrics=None, metric: str | None = None, path: str | 
             twin.set_ylabel(metric)
             twin.legend(loc="upper right")
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    from llmft.plots import save_figure
+
+    return save_figure(fig, path)

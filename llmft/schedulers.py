@@ -2,7 +2,7 @@
 
 Two different things go by "Chebyshev" here:
 
-1. **The seed's series** (CodeMMLU report, seed 000): lr(t) = c0/2 + Σₙ [cₙ·cos(2πnt/T) + dₙ·sin(2πnt/T)], a
+1. **The CodeMMLU report's series** (CodeMMLU report): lr(t) = c0/2 + Σₙ [cₙ·cos(2πnt/T) + dₙ·sin(2πnt/T)], a
    truncated Fourier/Chebyshev series in time. With this *full-period* basis every term returns to its start value at
    t = T, so the schedule ends where it began. The *half-range* basis cos(πnt/T) (the Chebyshev polynomials Tₙ(x) at
    x = cos(πt/T)) lets it end low: the default coefficients below start at the peak, fall fast early (learn the
@@ -34,7 +34,7 @@ def _warmup(step: int, warmup_steps: int) -> float | None:
 
 def chebyshev_series(t: float, T: float, cos_coeffs: Sequence[float], sin_coeffs: Sequence[float] = (),
                      basis: str = "half") -> float:
-    """The seed's series at time ``t`` of ``T``: c0/2 + Σₙ cₙ·cos(kπnt/T) + dₙ·sin(kπnt/T), k = 2 for
+    """The CodeMMLU report's series at time ``t`` of ``T``: c0/2 + Σₙ cₙ·cos(kπnt/T) + dₙ·sin(kπnt/T), k = 2 for
     ``basis="full"`` (period T) and 1 for ``basis="half"`` (half a period over the run, so it can end low).
     ``sin_coeffs[0]`` multiplies n = 1."""
     if basis not in ("half", "full"):
@@ -98,7 +98,7 @@ def _lambda_series(step: int, *, warmup_steps: int, multipliers: list[float]) ->
 def chebyshev_schedule(optimizer, num_training_steps: int, *, warmup_steps: int = 0,
                        cos_coeffs: Sequence[float] = DEFAULT_HALF_RANGE_COEFFS, sin_coeffs: Sequence[float] = (),
                        basis: str = "half", last_epoch: int = -1):
-    """LambdaLR following the seed's Chebyshev series after ``warmup_steps`` of linear warmup."""
+    """LambdaLR following the CodeMMLU report's Chebyshev series after ``warmup_steps`` of linear warmup."""
     from torch.optim.lr_scheduler import LambdaLR
 
     multipliers = series_multipliers(num_training_steps - warmup_steps, cos_coeffs, sin_coeffs, basis)
@@ -139,6 +139,18 @@ def resolve_schedule(scheduler, **options) -> Callable:
                          "(optimizer, num_training_steps) -> LambdaLR. For transformers' own schedules use "
                          "lr_scheduler_type='cosine' etc.")
     return partial(SCHEDULES[scheduler], **options)
+
+
+def transformers_schedule(name: str) -> Callable:
+    """transformers' schedule ``name`` ("linear", "cosine", ...) as a factory with the same call as :data:`SCHEDULES`
+    ``(optimizer, num_training_steps, warmup_steps=0)``, e.g. to draw it beside a Chebyshev one."""
+    from transformers import get_scheduler
+
+    def factory(optimizer, num_training_steps: int, warmup_steps: int = 0):
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=num_training_steps)
+
+    factory.__name__ = name
+    return factory
 
 
 def schedule_curve(scheduler, num_training_steps: int, peak_lr: float = 1.0, **options) -> list[float]:

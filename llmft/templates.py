@@ -1,11 +1,12 @@
-"""Prompt templates: the Alpaca prompt of the seeds (with and without input), the CodeMMLU multiple-choice prompt, and
-chat-template selection through Unsloth's ``get_chat_template``.
+"""Prompt templates: the Alpaca prompt of the NTUA lab report (with and without input), the CodeMMLU multiple-choice
+prompt, and chat-template selection through Unsloth's ``get_chat_template``.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
-# Exact wording of the Alpaca prompt used in the seeds' notebooks (and Unsloth's Alpaca notebooks).
+# Exact wording of the Alpaca prompt used in the NTUA lab report's notebooks (and Unsloth's Alpaca notebooks).
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -26,6 +27,42 @@ CHOICE_LETTERS = "ABCDEFGHIJ"
 # Markers for build_trainer(instruction_part=..., response_part=...) so MCQ training puts the loss on the answer only.
 MCQ_INSTRUCTION_PART = "The following are multiple choice questions"
 MCQ_RESPONSE_PART = "Answer:"
+
+# The answer letter, in two kinds of text. A gold answer is a whole string ("B", "(b)", "Answer: B", "Đáp án: D");
+# generated text is searched, most specific form first (the last two forms are case-sensitive: a lowercase "a" is
+# usually an article).
+_WHOLE_ANSWER = [
+    re.compile(r"^\(?([A-J])\)?[.):]?$", re.I),                                       # "B", "(b)", "C.", "D)"
+    re.compile(r"^(?:the\s+)?(?:correct\s+)?answer\s*(?:is)?\s*[:：]?\s*\(?([A-J])\)?[.)]?$", re.I),  # "Answer: B"
+    re.compile(r"^(?:option|choice|đáp án|dap an)\s*[:：]?\s*\(?([A-J])\)?[.)]?$", re.I),  # "Option C", "Đáp án: D"
+]
+_ANSWER_IN_TEXT = [
+    re.compile(r"answer\s*(?:is|:|：)\s*\(?([A-J])\)?(?![A-Za-z])", re.I),      # "the answer is (B)", "Answer: C"
+    re.compile(r"\(?\b([A-J])\)?\s+is\s+(?:the\s+)?correct", re.I),               # "B is correct", "(C) is the correct"
+    re.compile(r"(?:option|choice)\s*\(?([A-J])\)?(?![A-Za-z])", re.I),          # "option D"
+    re.compile(r"^\s*\(?([A-J])\)?(?:[.):]|\s|$)", re.M),                         # a line starting with "B." / "(C)"
+    re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])"),                                # the first standalone capital
+]
+
+
+def answer_letter(text: str, n_choices: int = 4, *, whole: bool = False) -> str | None:
+    """The answer letter (within the first ``n_choices``) in ``text``, or None. ``whole=True``: ``text`` is a gold
+    answer that must be a letter form as a whole ("B", "(b)", "Answer: B", "Option C", "Đáp án: D"); otherwise
+    generated text is searched: "answer is (B)", "B is correct", "option D", a line starting with a letter, then the
+    first standalone capital letter. The one answer parser behind :func:`llmft.data.normalize_answer` and
+    :func:`llmft.mcq.extract_answer`."""
+    valid = CHOICE_LETTERS[:n_choices]
+    if whole:
+        text = text.strip()
+        match = next((m for m in (p.match(text) for p in _WHOLE_ANSWER) if m), None)
+        letter = match.group(1).upper() if match else None
+        return letter if letter and letter in valid else None
+    for pattern in _ANSWER_IN_TEXT:
+        for match in pattern.finditer(text):
+            if match.group(1).upper() in valid:
+                return match.group(1).upper()
+    return None
+
 
 # Names accepted by Unsloth's get_chat_template that our users reach for most (Unsloth knows many more).
 COMMON_CHAT_TEMPLATES = ("llama-3.1", "llama-3.2", "chatml", "qwen-2.5", "gemma-3", "mistral", "phi-4")

@@ -17,9 +17,13 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from llmft.log import say
+from llmft.templates import format_alpaca
 
 SPECIAL_TOKENS = {
     "bos_token": "<|begin_of_text|>",
@@ -103,7 +107,7 @@ _FACTS = [
     ("Norway", "Oslo"), ("Chile", "Santiago"),
 ]
 _COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
-_TOPICS = [
+TOPICS = [
     ("a list in Python", "A list is an ordered, mutable collection written with square brackets."),
     ("recursion", "Recursion is when a function calls itself on a smaller version of the problem."),
     ("a hash map", "A hash map stores key and value pairs and finds a key in constant time on average."),
@@ -125,7 +129,7 @@ def _qa_pairs(n: int, seed: int) -> list[tuple[str, str]]:
             a, b = rng.randrange(1, 50), rng.randrange(1, 50)
             pairs.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
         elif kind == 2:
-            topic, answer = _TOPICS[rng.randrange(len(_TOPICS))]
+            topic, answer = TOPICS[rng.randrange(len(TOPICS))]
             pairs.append((f"Explain {topic} in one sentence.", answer))
         else:
             color = _COLORS[rng.randrange(len(_COLORS))]
@@ -200,8 +204,8 @@ def codemmlu_rows(n: int = 24, seed: int = 0, stringified_choices: bool = False)
     rng = random.Random(seed + 6)
     rows = []
     for i in range(n):
-        topic, answer = _TOPICS[i % len(_TOPICS)]
-        wrong = [t[1] for t in _TOPICS if t[1] != answer]
+        topic, answer = TOPICS[i % len(TOPICS)]
+        wrong = [t[1] for t in TOPICS if t[1] != answer]
         rng.shuffle(wrong)
         choices = wrong[:3]
         pos = rng.randrange(4)
@@ -449,3 +453,58 @@ def real_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(real_tokenizer_dir(name))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A tiny "pretrained" base that knows the Fibonacci sequence (python -m llmft demo, notebook 04's smoke mode)
+# --------------------------------------------------------------------------------------------------------------------
+ARITHMETIC_INSTRUCTION = "Continue the arithmetic sequence."
+
+
+def pretraining_texts(eos_token: str, seed: int = 0) -> list[str]:
+    """The tiny base's curriculum: every Fibonacci probe window (x3), programming Q&A and arithmetic sequences."""
+    from llmft.probes import FIBONACCI_INSTRUCTION, fibonacci_probe
+
+    rng = random.Random(seed)
+    probe = fibonacci_probe()
+    texts = [format_alpaca(FIBONACCI_INSTRUCTION, window, answer, eos_token)
+             for window, answer in zip(probe.labels, probe.answers)] * 3
+    for topic, answer in TOPICS:
+        texts += [format_alpaca(f"Explain {topic} in one sentence.", response=answer, eos_token=eos_token)] * 8
+    for _ in range(300):
+        start, step, length = rng.randrange(1, 30), rng.randrange(1, 10), rng.randrange(3, 7)
+        terms = [start + step * k for k in range(length + 1)]
+        texts.append(format_alpaca(ARITHMETIC_INSTRUCTION, ", ".join(map(str, terms[:-1])), str(terms[-1]), eos_token))
+    rng.shuffle(texts)
+    return texts
+
+
+def pretrained_base(steps: int = 600, seed: int = 0, verbose: bool = True) -> Path:
+    """Directory of the tiny base (hidden 128, 4 layers) after full training on :func:`pretraining_texts`, cached
+    like the other test assets (built once, about two minutes on 2 CPU cores for 600 steps)."""
+    import llmft
+    from datasets import Dataset
+
+    def build(tmp: Path) -> None:
+        start = time.time()
+        model, tokenizer = llmft.load_model(str(tiny_model_dir("llama", hidden_size=128, num_layers=4)),
+                                            max_seq_length=256, lora_r=None, load_in_4bit=False,
+                                            full_finetuning=True, seed=seed)
+        texts = Dataset.from_dict({"text": pretraining_texts(tokenizer.eos_token, seed)})
+        trainer = llmft.build_trainer(
+            model, tokenizer, texts, output_dir=str(tmp / "_run"), max_steps=steps, per_device_train_batch_size=32,
+            gradient_accumulation_steps=1, learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine",
+            weight_decay=0.0, instruction_part="### Instruction:\n", response_part="### Response:\n",
+            save_strategy="no", metrics_csv=False, seed=seed, verbose=False, disable_tqdm=not verbose)
+        trainer.train()
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        import shutil
+
+        shutil.rmtree(tmp / "_run", ignore_errors=True)
+        (tmp / "pretraining.json").write_text(json.dumps({"steps": steps, "seconds": round(time.time() - start, 1)}))
+
+    target = _spec_dir("pretrained-fibonacci", {"steps": steps, "seed": seed, "v": 1})
+    if verbose and not (target / ".complete").exists():
+        say(f"building the tiny pretrained base ({steps} full-training steps, cached in {target})")
+    return _build_atomically(target, build)

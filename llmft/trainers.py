@@ -2,41 +2,53 @@
 
 TRL owns the training loop and Unsloth owns the patches; this module picks the defaults (precision from the hardware,
 8-bit AdamW on a GPU, gradient clipping, a bounded eval subset, loss on assistant responses only for chat data),
-checks the dataset, and reports what it changed.
+checks the dataset, and reports what it changed. The defaults live in :mod:`llmft.configs` (one dataclass field
+each, with its help); the builders' keywords are those fields, validated into :class:`~llmft.configs.SFTOptions` /
+:class:`~llmft.configs.DPOOptions` and recorded in ``output_dir/llmft_config.json``.
+
+The trainers are TRL's, subclassed thinly at module level (importable, subclassable):
+:class:`LlmftSFTTrainer` / :class:`LlmftDPOTrainer` add a custom LR schedule through ``create_scheduler`` (the hook
+transformers documents for it) and keep the data reports; :class:`DistillSFTTrainer` adds knowledge distillation.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import inspect
+import json
 import math
 import os
-import types
 from pathlib import Path
 
 from llmft._unsloth import import_unsloth
-from llmft import callbacks as cb
-from llmft.data import DataError, count_overlong
-from llmft.masking import mask_responses
-from llmft.models import DEFAULT_SEED
-from llmft.schedulers import resolve_schedule
+
+import_unsloth()  # the SFTTrainer subclassed below must be the one Unsloth patched
+
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+
+from llmft import callbacks as cb  # noqa: E402
+from llmft.configs import (  # noqa: E402
+    DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
+)
+from llmft.data import DataError, count_overlong  # noqa: E402
+from llmft.log import say  # noqa: E402
+from llmft.masking import mask_responses  # noqa: E402
+from llmft.models import pick_dtype  # noqa: E402
+from llmft.schedulers import resolve_schedule  # noqa: E402
+
+__all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
+           "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
 
 SUPPORTED_COLUMNS = ("messages", "text")
-# Arguments build_trainer and build_dpo_trainer share: passed to _shared_args and to attach_training_control.
-SHARED_ARGS = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "learning_rate", "warmup_steps", "lr_scheduler_type", "weight_decay",
-               "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit", "optim", "seed", "report_to")
-CONTROL_OPTIONS = ("metric", "greater_is_better", "early_stopping_patience", "early_stopping_min_delta", "keep_best",
-                   "metrics_csv", "tensorboard", "weight_decay_ramp", "scheduler", "scheduler_options")
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def precision_flags() -> dict:
-    """``{"fp16": ..., "bf16": ...}`` for this machine: bf16 on Ampere+, fp16 on a T4, neither on a CPU."""
+    """``{"fp16": ..., "bf16": ...}`` for TRL's config, from the one precision policy, :func:`llmft.models.pick_dtype`
+    (bf16 on Ampere+, fp16 on a T4, neither on a CPU, where Unsloth's CPU mode picks the dtype)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return {"fp16": False, "bf16": False}
-    bf16 = torch.cuda.is_bf16_supported()
-    return {"fp16": not bf16, "bf16": bf16}
+    dtype = pick_dtype()
+    return {"fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16}
 
 
 def default_optim() -> str:
@@ -64,104 +76,101 @@ def _planned_steps(n_rows: int, batch: int, accumulation: int, epochs: float, ma
     return max(1, math.ceil(math.ceil(n_rows / batch) / accumulation * epochs))
 
 
-def _config(config_cls, builder: str, overrides: dict, **defaults):
-    """``config_cls(**defaults, **overrides)``, with unknown option names reported and a close match suggested."""
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = [k for k in overrides if k not in known]
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        raise TypeError(f"{builder}: unknown option(s) " + ", ".join(
-            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            + f". Options are {builder}'s own arguments or trl.{config_cls.__name__} fields.")
-    return config_cls(**{**defaults, **overrides})
-
-
 def _prepare(builder: str, tokenizer, train_dataset, eval_dataset, *, max_length: int, eval_max_samples: int | None,
              seed: int, verbose: bool):
     """Bound the eval set to a fixed random subset and count over-long rows; returns (eval_dataset, reports)."""
     reports = {"train": count_overlong(train_dataset, tokenizer, max_length, "train_dataset")}
     if eval_dataset is not None and eval_max_samples is not None and len(eval_dataset) > eval_max_samples:
-        if verbose:
-            print(f"{builder}: evaluating on a fixed random {eval_max_samples} of {len(eval_dataset)} eval rows "
-                  "(eval_max_samples)")
+        say(f"{builder}: evaluating on a fixed random {eval_max_samples} of {len(eval_dataset)} eval rows "
+            "(eval_max_samples)", verbose)
         eval_dataset = eval_dataset.shuffle(seed=seed).select(range(eval_max_samples))
     if eval_dataset is not None:
         reports["eval"] = count_overlong(eval_dataset, tokenizer, max_length, "eval_dataset")
-    if verbose:
-        for report in reports.values():
-            print(report)
+    for report in reports.values():
+        say(report, verbose)
     return eval_dataset, reports
 
 
-def _shared_args(*, n_train: int, has_eval: bool, output_dir, max_steps, num_train_epochs, per_device_train_batch_size,
-                 gradient_accumulation_steps, learning_rate, warmup_steps, lr_scheduler_type, weight_decay,
-                 max_grad_norm, logging_steps, eval_steps, save_total_limit, optim, seed, report_to) -> dict:
-    """The training arguments SFT and DPO share, with the T4 defaults filled in."""
-    steps = _planned_steps(n_train, per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs,
-                           max_steps)
-    if eval_steps is None:
-        eval_steps = max(1, steps // 10)
+def _trl_args(options, *, n_train: int, has_eval: bool) -> dict:
+    """The TRL config fields llmft sets from ``options`` (SFTOptions or DPOOptions)."""
+    o = options
+    steps = _planned_steps(n_train, o.per_device_train_batch_size, o.gradient_accumulation_steps,
+                           o.num_train_epochs, o.max_steps)
+    eval_steps = o.eval_steps if o.eval_steps is not None else max(1, steps // 10)
     return dict(
-        output_dir=output_dir, max_steps=max_steps, num_train_epochs=num_train_epochs,
-        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler_type, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, logging_steps=logging_steps, eval_strategy="steps" if has_eval else "no",
-        eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps, save_total_limit=save_total_limit,
-        optim=optim or default_optim(), seed=seed, data_seed=seed, report_to=report_to, **precision_flags())
+        output_dir=o.output_dir, max_steps=o.max_steps, num_train_epochs=o.num_train_epochs,
+        per_device_train_batch_size=o.per_device_train_batch_size,
+        per_device_eval_batch_size=o.per_device_train_batch_size,
+        gradient_accumulation_steps=o.gradient_accumulation_steps, learning_rate=o.learning_rate,
+        warmup_steps=o.warmup_steps, lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm, logging_steps=o.logging_steps, eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps, save_total_limit=o.save_total_limit,
+        optim=o.optim or default_optim(), seed=o.seed, data_seed=o.seed, report_to=o.report_to, **precision_flags())
 
 
-def build_trainer(
-    model,
-    tokenizer,
-    train_dataset,
-    eval_dataset=None,
-    *,
-    output_dir: str = "outputs",
-    max_steps: int = -1,
-    num_train_epochs: float = 1.0,
-    per_device_train_batch_size: int = 2,
-    gradient_accumulation_steps: int = 4,
-    learning_rate: float = 2e-4,
-    warmup_steps: float = 5,
-    lr_scheduler_type: str = "linear",
-    weight_decay: float = 0.01,
-    max_grad_norm: float = 1.0,
-    max_seq_length: int | None = None,
-    logging_steps: int = 1,
-    eval_steps: int | None = None,
-    eval_max_samples: int | None = 200,
-    save_total_limit: int = 2,
-    responses_only: bool | None = None,
-    instruction_part: str | None = None,
-    response_part: str | None = None,
-    optim: str | None = None,
-    seed: int = DEFAULT_SEED,
-    report_to: str = "none",
-    scheduler=None,
-    scheduler_options: dict | None = None,
-    metric: str = "eval_loss",
-    greater_is_better: bool | None = None,
-    early_stopping_patience: int | None = 3,
-    early_stopping_min_delta: float = 0.0,
-    keep_best: int = 2,
-    metrics_csv: bool = True,
-    tensorboard: bool = False,
-    weight_decay_ramp: tuple[float, float] | None = None,
-    callbacks: list | None = None,
-    distill: DistillConfig | dict | bool | None = None,
-    verbose: bool = True,
-    **sft_config,
-):
-    """Return a TRL ``SFTTrainer`` for ``model`` (from :func:`llmft.load_model`) on ``train_dataset``.
+def _keyword_signature(function, options_cls, trl_name: str):
+    """Show ``options_cls``'s fields (with their defaults) as ``function``'s keyword-only parameters, so ``help()``
+    and editors list them; the defaults stay written once, in the dataclass."""
+    signature = inspect.signature(function)
+    fixed = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    taken = {p.name for p in fixed}
+    fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for f in dataclasses.fields(options_cls) if f.name not in taken]
+    extra = inspect.Parameter(trl_name, inspect.Parameter.VAR_KEYWORD)
+    function.__signature__ = signature.replace(parameters=fixed + fields + [extra])
+    return function
+
+
+class TrainerMixin:
+    """What llmft adds to a transformers/TRL trainer class, through documented hooks only.
+
+    - ``lr_schedule``: a factory ``(optimizer, num_training_steps, warmup_steps=...) -> LambdaLR`` (see
+      :mod:`llmft.schedulers`), used by :meth:`create_scheduler`, transformers' hook for custom schedules; None keeps
+      ``args.lr_scheduler_type``. Set it at construction or with :func:`attach_training_control`.
+    - ``llmft_reports``: the data reports of the build (over-long rows, response masking), by split.
+    - ``llmft_options``: the :mod:`llmft.configs` options the trainer was built with (None when built by hand).
+    """
+
+    def __init__(self, *args, lr_schedule=None, **kwargs):
+        self.lr_schedule = lr_schedule
+        self.llmft_reports: dict = {}
+        self.llmft_options = None
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        kwargs = {"warmup_steps": warmup} if warmup else {}
+        self.lr_scheduler = self.lr_schedule(optimizer or self.optimizer, num_training_steps, **kwargs)
+        self._created_lr_scheduler = True  # transformers rebuilds it on the next train(), as for its own schedules
+        return self.lr_scheduler
+
+
+class LlmftSFTTrainer(TrainerMixin, SFTTrainer):
+    """TRL's (Unsloth-patched) ``SFTTrainer`` with :class:`TrainerMixin`: what :func:`build_trainer` returns."""
+
+
+class LlmftDPOTrainer(TrainerMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` with :class:`TrainerMixin`: what :func:`build_dpo_trainer` returns."""
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config: SFTOptions | dict | None = None,
+                  callbacks: list | None = None, verbose: bool = True, **options):
+    """Return a TRL ``SFTTrainer`` (an :class:`LlmftSFTTrainer`) for ``model`` (from :func:`llmft.load_model`) on
+    ``train_dataset``.
 
     Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`) or a ``text`` column.
 
-    Defaults, chosen for a 16 GB T4 and documented so they can be changed:
+    Every keyword is a field of :class:`llmft.configs.SFTOptions` (its default and help are there; ``config=`` takes
+    a whole ``SFTOptions`` and keywords override it) or any other ``trl.SFTConfig`` field (e.g. ``packing=True``);
+    a misspelt name is refused with the closest one suggested. The options used are written to
+    ``output_dir/llmft_config.json``. Defaults, chosen for a 16 GB T4:
 
     - precision from the hardware (fp16 on a T4, bf16 on Ampere+), ``optim="adamw_8bit"`` on a GPU;
     - effective batch 2 x 4 (``per_device_train_batch_size`` x ``gradient_accumulation_steps``), lr 2e-4 with 5
-      warmup steps and linear decay, weight decay 0.01, ``max_grad_norm=1.0`` (gradient clipping as in the seeds);
+      warmup steps and linear decay, weight decay 0.01, ``max_grad_norm=1.0`` (gradient clipping as in the CodeMMLU
+      report);
     - ``max_seq_length`` = the model's (from ``load_model``); over-long rows are counted and reported, then truncated;
     - ``responses_only``: for chat data the loss covers assistant turns only, each up to and including its
       end-of-turn token, located from the chat template's rendering; for ``text`` data it is on when both markers are
@@ -174,7 +183,7 @@ def build_trainer(
     - checkpoints every ``eval_steps`` into ``output_dir``, keeping ``save_total_limit``; resume with
       :func:`train` (``resume="auto"``) after a disconnect.
 
-    Training control (see :mod:`llmft.callbacks`), wired by :func:`attach_training_control`:
+    Training control (:class:`llmft.configs.TrainingControlConfig`, wired by :func:`attach_training_control`):
     ``output_dir/metrics.csv`` (one row per log/eval event; ``tensorboard=True`` too), the ``keep_best`` best adapters
     by ``metric`` in ``output_dir/best`` (``best.json`` says which), early stopping after ``early_stopping_patience``
     evaluations without improvement (``None`` turns it off), a NaN/inf-loss guard, and optionally a weight-decay ramp
@@ -184,84 +193,54 @@ def build_trainer(
     "chebyshev_fractal"; options in ``scheduler_options``) or a callable ``(optimizer, num_training_steps)`` returning
     a ``LambdaLR``; ``None`` keeps ``lr_scheduler_type``. Warmup (``warmup_steps``) applies to every schedule.
 
-    ``distill``: a :class:`DistillConfig` (or its fields as a dict, or True for the defaults) adds knowledge
-    distillation from the adapter-disabled model to the loss, against forgetting.
-
-    Any other ``trl.SFTConfig`` field can be passed as a keyword (e.g. ``packing=True``).
+    ``distill``: a :class:`DistillConfig` (or its fields as a dict, or True for the defaults) makes the trainer a
+    :class:`DistillSFTTrainer`: knowledge distillation from the adapter-disabled model is added to the loss, against
+    forgetting.
     """
-    options = dict(locals())
-    import_unsloth()
-    from trl import SFTConfig, SFTTrainer
-
+    o, trl_options = options_from(SFTOptions, "build_trainer", SFTConfig, options, base=config)
     kind = _check_dataset(train_dataset, "train_dataset")
     if eval_dataset is not None and _check_dataset(eval_dataset, "eval_dataset") != kind:
         raise DataError(f"eval_dataset: must have the same '{kind}' column as train_dataset, "
                         f"got {eval_dataset.column_names}")
-    if (instruction_part is None) != (response_part is None):
-        raise ValueError("build_trainer: give both instruction_part and response_part, or neither")
+    responses_only = o.responses_only
     if responses_only is None:
-        responses_only = kind == "messages" or response_part is not None
-    if responses_only and kind == "text" and response_part is None:
+        responses_only = kind == "messages" or o.response_part is not None
+    if responses_only and kind == "text" and o.response_part is None:
         raise ValueError("build_trainer(responses_only=True) on 'text' data needs instruction_part and response_part "
                          "(for the Alpaca prompt: '### Instruction:\\n' and '### Response:\\n')")
-    if max_seq_length is None:
-        max_seq_length = getattr(model, "max_seq_length", None) or 2048
+    max_seq_length = o.max_seq_length or getattr(model, "max_seq_length", None) or 2048
 
     eval_dataset, reports = _prepare("build_trainer", tokenizer, train_dataset, eval_dataset, max_length=max_seq_length,
-                                     eval_max_samples=eval_max_samples, seed=seed, verbose=verbose)
+                                     eval_max_samples=o.eval_max_samples, seed=o.seed, verbose=verbose)
     if responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
-        parts = dict(instruction_part=instruction_part, response_part=response_part, max_length=max_seq_length)
-        train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset", **parts)
+        parts = dict(instruction_part=o.instruction_part, response_part=o.response_part, max_length=max_seq_length)
+        train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset",
+                                                                 **parts)
         if eval_dataset is not None:
             eval_dataset, reports["eval_masking"] = mask_responses(eval_dataset, tokenizer, name="eval_dataset",
                                                                    **parts)
-    args = _config(
-        SFTConfig, "build_trainer", sft_config,
-        **_shared_args(n_train=len(train_dataset), has_eval=eval_dataset is not None,
-                       **{k: options[k] for k in SHARED_ARGS}),
-        max_length=max_seq_length,
-        dataset_text_field="text",
-    )
-    trainer_class = SFTTrainer
-    if distill:
+    args = SFTConfig(**{**_trl_args(o, n_train=len(train_dataset), has_eval=eval_dataset is not None),
+                        "max_length": max_seq_length, "dataset_text_field": "text", **trl_options})
+    trainer_class, extra = LlmftSFTTrainer, {}
+    if o.distill is not None:
         if not hasattr(model, "disable_adapter"):
             raise ValueError("build_trainer(distill=...): the teacher is the model with its LoRA adapter disabled, so "
                              "the model needs LoRA (llmft.load_model with lora_r set)")
-        trainer_class = _distill_trainer_class(SFTTrainer)
-        trainer_class.llmft_distill = (distill if isinstance(distill, DistillConfig)
-                                       else DistillConfig(**distill) if isinstance(distill, dict) else DistillConfig())
+        trainer_class, extra = DistillSFTTrainer, {"distill": o.distill}
     trainer = trainer_class(model=model, processing_class=tokenizer, train_dataset=train_dataset,
-                            eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []))
-    attach_training_control(trainer, **{k: options[k] for k in CONTROL_OPTIONS})
+                            eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []), **extra)
+    attach_training_control(trainer, o.control())
     for split, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
         report = reports.get(f"{split}_masking")
         if report is not None:
             report.dropped_by_trainer = report.rows - len(dataset)
-            if verbose or report.dropped_by_trainer:
-                print(report)
-    trainer.llmft_reports = reports
+            say(report, verbose or bool(report.dropped_by_trainer))
+    trainer.llmft_reports, trainer.llmft_options = reports, o
+    save_config(o.output_dir, o, trl_options, kind="build_trainer")
     return trainer
 
 
-@dataclasses.dataclass
-class DistillConfig:
-    """Knowledge distillation against forgetting (seed 000): the SFT loss plus ``weight`` x KL(teacher || student)
-    on response tokens, the teacher being the same model with its LoRA adapter disabled (the base model: no second
-    model in memory).
-
-    - ``weight``: λ, the KL term's weight (0.3 kept 86% of the Fibonacci probe in our tiny prototype);
-    - ``temperature``: softens both distributions; the KL is scaled by T² so its gradient keeps its size;
-    - ``only_where_teacher_right``: the seed's variant, distil only on tokens the teacher predicts correctly.
-    """
-
-    weight: float = 0.3
-    temperature: float = 1.0
-    only_where_teacher_right: bool = False
-
-    def __post_init__(self):
-        if self.weight < 0 or self.temperature <= 0:
-            raise ValueError(f"DistillConfig(weight={self.weight}, temperature={self.temperature}): need weight >= 0 "
-                             "and temperature > 0")
+_keyword_signature(build_trainer, SFTOptions, "sft_config")
 
 
 def _response_positions(labels):
@@ -295,116 +274,83 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 1.0,
     return kl if reduction == "sum" else kl / n_tokens
 
 
-def _distill_trainer_class(base):
-    """A subclass of the (Unsloth-patched) SFTTrainer whose loss adds the distillation term.
+class DistillSFTTrainer(LlmftSFTTrainer):
+    """SFT plus knowledge distillation against forgetting (CodeMMLU report): loss = CE + ``distill.weight`` x KL(teacher
+    || student) on response tokens, the teacher being the model with its LoRA adapter disabled (no second model).
 
-    TRL's own loss goes through a fused LM-head kernel that never materialises the logits, so this loss computes the
-    cross-entropy itself from one student forward pass, on response positions only (a T4 cannot hold fp32 logits of
-    every position of a 128k vocabulary), and runs one more forward pass with the adapter disabled for the teacher.
+    ``DistillSFTTrainer(..., distill=DistillConfig(...))``; the model needs a LoRA adapter. TRL's own loss goes through
+    a fused LM-head kernel that never materialises the logits, so :meth:`compute_loss` computes the cross-entropy
+    itself from one student forward pass, on response positions only (a T4 cannot hold fp32 logits of every position
+    of a 128k vocabulary), and runs one more forward pass with the adapter disabled for the teacher. The KL term is
+    logged as ``kd_loss`` (``eval_kd_loss`` in evaluation) through :meth:`log`.
     """
 
-    class DistillSFTTrainer(base):
-        llmft_distill: DistillConfig = DistillConfig()
+    def __init__(self, *args, distill: DistillConfig | dict | bool | None = True, **kwargs):
+        self.distill = DistillConfig.coerce(distill) or DistillConfig(weight=0.0)
+        self._kd_logged = {"train": [], "eval": []}
+        super().__init__(*args, **kwargs)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            import torch
-            import torch.nn.functional as F
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch
+        import torch.nn.functional as F
 
-            config = self.llmft_distill
-            labels = inputs["labels"]
-            forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            outputs = model(**forward)
-            mask = _response_positions(labels)
-            targets = labels[:, 1:][mask]
-            ce = F.cross_entropy(outputs.logits[:, :-1][mask].float(), targets, reduction="sum")
-            # Both terms are token sums divided by the same count. In training transformers passes
-            # num_items_in_batch = the response tokens of the whole accumulation window and then does NOT divide by
-            # the accumulation steps, so a per-micro-batch mean here would weigh the KL x accumulation steps.
-            count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
-            loss = ce / count
-            if config.weight > 0:
-                peft_model = self.accelerator.unwrap_model(model)
-                with torch.no_grad(), peft_model.disable_adapter():
-                    teacher_logits = peft_model(**forward).logits
-                kd_sum = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
-                                 config.only_where_teacher_right, reduction="sum")
-                loss = loss + config.weight * kd_sum / count
-                metrics = getattr(self, "_metrics", None)
-                if isinstance(metrics, dict):
-                    # Logged per micro-batch and averaged by TRL: scaled so the average over a window is that
-                    # window's KL per response token (the same normalisation as the logged loss).
-                    steps = 1
-                    if num_items_in_batch is not None and model.training:
-                        steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
-                    mode = "train" if model.training else "eval"
-                    metrics.setdefault(mode, {}).setdefault("kd_loss", []).append(
-                        float(kd_sum.detach() / count) * steps)
-            return (loss, outputs) if return_outputs else loss
+        config = self.distill
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        outputs = model(**forward)
+        mask = _response_positions(labels)
+        targets = labels[:, 1:][mask]
+        ce = F.cross_entropy(outputs.logits[:, :-1][mask].float(), targets, reduction="sum")
+        # Both terms are token sums divided by the same count. In training transformers passes
+        # num_items_in_batch = the response tokens of the whole accumulation window and then does NOT divide by
+        # the accumulation steps, so a per-micro-batch mean here would weigh the KL x accumulation steps.
+        count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
+        loss = ce / count
+        if config.weight > 0:
+            peft_model = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), peft_model.disable_adapter():
+                teacher_logits = peft_model(**forward).logits
+            kd_sum = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
+                             config.only_where_teacher_right, reduction="sum")
+            loss = loss + config.weight * kd_sum / count
+            # Averaged over the micro-batches since the last log in log(): scaled so that average is the window's KL
+            # per response token (the same normalisation as the logged loss).
+            steps = 1
+            if num_items_in_batch is not None and model.training:
+                steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
+            self._kd_logged["train" if model.training else "eval"].append(float(kd_sum.detach() / count) * steps)
+        return (loss, outputs) if return_outputs else loss
 
-    return DistillSFTTrainer
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds the mean ``kd_loss`` since the last log (``eval_kd_loss`` for an evaluation), then logs as usual."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        values = self._kd_logged[mode]
+        if values:
+            logs = {**logs, ("eval_kd_loss" if mode == "eval" else "kd_loss"): sum(values) / len(values)}
+            values.clear()
+        return super().log(logs, *args, **kwargs)
 
 
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def build_dpo_trainer(
-    model,
-    tokenizer,
-    train_dataset,
-    eval_dataset=None,
-    *,
-    output_dir: str = "outputs_dpo",
-    beta: float = 0.1,
-    learning_rate: float = 5e-6,
-    max_length: int | None = None,
-    max_steps: int = -1,
-    num_train_epochs: float = 1.0,
-    per_device_train_batch_size: int = 2,
-    gradient_accumulation_steps: int = 4,
-    warmup_steps: float = 5,
-    lr_scheduler_type: str = "linear",
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    logging_steps: int = 1,
-    eval_steps: int | None = None,
-    eval_max_samples: int | None = 200,
-    save_total_limit: int = 2,
-    optim: str | None = None,
-    seed: int = DEFAULT_SEED,
-    report_to: str = "none",
-    scheduler=None,
-    scheduler_options: dict | None = None,
-    metric: str = "eval_loss",
-    greater_is_better: bool | None = None,
-    early_stopping_patience: int | None = 3,
-    early_stopping_min_delta: float = 0.0,
-    keep_best: int = 2,
-    metrics_csv: bool = True,
-    tensorboard: bool = False,
-    weight_decay_ramp: tuple[float, float] | None = None,
-    callbacks: list | None = None,
-    verbose: bool = True,
-    **dpo_config,
-):
-    """Return a TRL ``DPOTrainer`` for ``model`` (from :func:`llmft.load_model`, LoRA on) on preference pairs
-    (``prompt``/``chosen``/``rejected``; see :func:`llmft.data.orca_to_dpo` and :func:`llmft.data.preference_pairs`).
+def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config: DPOOptions | dict | None = None,
+                      callbacks: list | None = None, verbose: bool = True, **options):
+    """Return a TRL ``DPOTrainer`` (an :class:`LlmftDPOTrainer`) for ``model`` (from :func:`llmft.load_model`, LoRA
+    on) on preference pairs (``prompt``/``chosen``/``rejected``; see :func:`llmft.data.orca_to_dpo` and
+    :func:`llmft.data.preference_pairs`).
 
     The reference policy costs no second model: TRL copies the model's LoRA adapter into a frozen ``ref`` adapter when
     the trainer is built and computes reference log-probabilities through it. From a fresh LoRA (B = 0) that reference
     *is* the base model with its adapter disabled; from SFT adapters (``load_model("<sft adapters>")``) it is the SFT
     model, as DPO intends.
 
-    Defaults as :func:`build_trainer` (precision from the hardware, 8-bit AdamW on a GPU, batch 2 x 4,
-    ``max_grad_norm=1.0``, bounded eval subset, checkpoints for :func:`train` to resume, the same training control and
-    schedules) with DPO's own: ``beta=0.1``, ``learning_rate=5e-6`` (DPO wants far smaller steps than SFT), no weight
-    decay, ``max_length`` = the model's ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g.
-    ``"eval_rewards/accuracies"`` or ``"eval_rewards/margins"`` (higher is better, inferred from the name). Any other
-    ``trl.DPOConfig`` field can be passed as a keyword.
+    Every keyword is a field of :class:`llmft.configs.DPOOptions` (defaults and help there; ``config=`` takes a whole
+    ``DPOOptions``) or any other ``trl.DPOConfig`` field. Defaults as :func:`build_trainer` (precision from the
+    hardware, 8-bit AdamW on a GPU, batch 2 x 4, ``max_grad_norm=1.0``, bounded eval subset, checkpoints for
+    :func:`train` to resume, the same training control and schedules) with DPO's own: ``beta=0.1``,
+    ``learning_rate=5e-6`` (DPO wants far smaller steps than SFT), no weight decay, ``max_length`` = the model's
+    ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g. ``"eval_rewards/accuracies"`` or
+    ``"eval_rewards/margins"`` (higher is better, inferred from the name).
     """
-    options = dict(locals())
-    import_unsloth()
-    from trl import DPOConfig, DPOTrainer
-
+    o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
     for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if dataset is not None and not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
             hint = (" Convert Intel/orca_dpo_pairs rows with llmft.data.orca_to_dpo." if "question" in
@@ -414,81 +360,72 @@ def build_dpo_trainer(
     if not hasattr(model, "peft_config"):
         raise ValueError("build_dpo_trainer: the model has no LoRA adapter; load it with llmft.load_model (lora_r "
                          "set, the default) so the reference is an adapter copy instead of a second model")
-    if max_length is None:
-        max_length = getattr(model, "max_seq_length", None) or 1024
+    max_length = o.max_length or getattr(model, "max_seq_length", None) or 1024
     eval_dataset, reports = _prepare("build_dpo_trainer", tokenizer, train_dataset, eval_dataset,
-                                     max_length=max_length, eval_max_samples=eval_max_samples, seed=seed,
+                                     max_length=max_length, eval_max_samples=o.eval_max_samples, seed=o.seed,
                                      verbose=verbose)
-    args = _config(
-        DPOConfig, "build_dpo_trainer", dpo_config,
-        **_shared_args(n_train=len(train_dataset), has_eval=eval_dataset is not None,
-                       **{k: options[k] for k in SHARED_ARGS}),
-        beta=beta,
-        max_length=max_length,
-    )
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=list(callbacks or []))
-    attach_training_control(trainer, **{k: options[k] for k in CONTROL_OPTIONS})
-    trainer.llmft_reports = reports
+    args = DPOConfig(**{**_trl_args(o, n_train=len(train_dataset), has_eval=eval_dataset is not None),
+                        "beta": o.beta, "max_length": max_length, **trl_options})
+    trainer = LlmftDPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
+                              train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=list(callbacks or []))
+    attach_training_control(trainer, o.control())
+    trainer.llmft_reports, trainer.llmft_options = reports, o
+    save_config(o.output_dir, o, trl_options, kind="build_dpo_trainer")
     return trainer
 
 
-def attach_training_control(trainer, *, metric: str = "eval_loss", greater_is_better: bool | None = None,
-                            early_stopping_patience: int | None = 3, early_stopping_min_delta: float = 0.0,
-                            keep_best: int = 2, metrics_csv: bool = True, tensorboard: bool = False,
-                            weight_decay_ramp: tuple[float, float] | None = None, scheduler=None,
-                            scheduler_options: dict | None = None):
+_keyword_signature(build_dpo_trainer, DPOOptions, "dpo_config")
+
+
+def attach_training_control(trainer, config: TrainingControlConfig | None = None, **options):
     """Add llmft's training control to any transformers/TRL trainer (SFT, DPO, ...): metrics CSV, best checkpoint
-    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp and
-    an optional custom LR schedule. Returns the trainer."""
+    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp
+    and an optional custom LR schedule. Options: a :class:`~llmft.configs.TrainingControlConfig` and/or its fields as
+    keywords (``metric=``, ``early_stopping_patience=``, ...). Returns the trainer.
+
+    A ``scheduler`` needs a trainer built on :class:`TrainerMixin` (what :func:`build_trainer` and
+    :func:`build_dpo_trainer` return), whose ``create_scheduler`` uses it."""
+    c, _ = options_from(TrainingControlConfig, "attach_training_control", None, options, base=config)
     out = Path(trainer.args.output_dir)
-    evaluates = trainer.eval_dataset is not None and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO")
-    if weight_decay_ramp is not None:  # before the logger, so the logged row carries the weight decay in use
-        trainer.add_callback(cb.WeightDecayRamp(*weight_decay_ramp))
-    if metrics_csv:
-        trainer.add_callback(cb.MetricsLogger(out / "metrics.csv", tensorboard=tensorboard))
-    if evaluates and keep_best:
-        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), metric, greater_is_better, keep=keep_best))
-    if evaluates and early_stopping_patience:
-        trainer.add_callback(cb.EarlyStopping(early_stopping_patience, metric, greater_is_better,
-                                              early_stopping_min_delta))
+    evaluates = (trainer.eval_dataset is not None
+                 and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO"))
+    if c.scheduler is not None:
+        if not isinstance(trainer, TrainerMixin):
+            raise TypeError(f"attach_training_control(scheduler={c.scheduler!r}): {type(trainer).__name__} has no "
+                            "schedule hook; build it with llmft.build_trainer / build_dpo_trainer, or use a class "
+                            "deriving from llmft.trainers.TrainerMixin")
+        trainer.lr_schedule = resolve_schedule(c.scheduler, **(c.scheduler_options or {}))
+    if c.weight_decay_ramp is not None:  # before the logger, so the logged row carries the weight decay in use
+        trainer.add_callback(cb.WeightDecayRamp(*c.weight_decay_ramp))
+    if c.metrics_csv:
+        trainer.add_callback(cb.MetricsLogger(out / "metrics.csv", tensorboard=c.tensorboard))
+    if evaluates and c.keep_best:
+        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), c.metric, c.greater_is_better, keep=c.keep_best))
+    if evaluates and c.early_stopping_patience:
+        trainer.add_callback(cb.EarlyStopping(c.early_stopping_patience, c.metric, c.greater_is_better,
+                                              c.early_stopping_min_delta))
     trainer.add_callback(cb.NonFiniteLossGuard())
     trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
     trainer.args.restore_callback_states_from_checkpoint = True
-    if scheduler is not None:
-        use_schedule(trainer, scheduler, **(scheduler_options or {}))
     return trainer
 
 
-def use_schedule(trainer, scheduler, **options):
-    """Make ``trainer`` build its LR scheduler from ``scheduler`` (a name from :data:`llmft.schedulers.SCHEDULES` or
-    a factory), with the trainer's warmup. Overrides ``Trainer.create_scheduler`` on this instance only (the hook
-    transformers documents for custom schedules)."""
-    factory = resolve_schedule(scheduler, **options)
-
-    def create_scheduler(self, num_training_steps, optimizer=None):
-        if self.lr_scheduler is None:
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            kwargs = {"warmup_steps": warmup} if warmup else {}
-            self.lr_scheduler = factory(optimizer or self.optimizer, num_training_steps, **kwargs)
-        return self.lr_scheduler
-
-    trainer.create_scheduler = types.MethodType(create_scheduler, trainer)
-    trainer.llmft_scheduler = scheduler if isinstance(scheduler, str) else getattr(scheduler, "__name__", "custom")
-    return trainer
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, float, str]]:
+    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's ``output_dir`` (one whose
+    trainer_state.json was written: transformers writes it last), in step order."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        state = path / "trainer_state.json"
+        if path.name.split("-")[-1].isdigit() and state.exists():
+            info = json.loads(state.read_text())
+            found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
+    return sorted(found)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (one whose trainer_state.json was written), or None."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    candidates = []
-    for path in root.glob("checkpoint-*"):
-        suffix = path.name.split("-")[-1]
-        if suffix.isdigit() and (path / "trainer_state.json").exists():
-            candidates.append((int(suffix), path))
-    return str(max(candidates)[1]) if candidates else None
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (see :func:`checkpoints`), or None."""
+    found = checkpoints(output_dir)
+    return found[-1][2] if found else None
 
 
 def train(trainer, resume: bool | str | None = "auto"):
@@ -507,5 +444,5 @@ def train(trainer, resume: bool | str | None = "auto"):
         if not (Path(checkpoint) / "trainer_state.json").exists():
             raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint (no trainer_state.json)")
     if checkpoint:
-        print(f"llmft.train: resuming from {checkpoint}")
+        say(f"llmft.train: resuming from {checkpoint}")
     return trainer.train(resume_from_checkpoint=checkpoint)

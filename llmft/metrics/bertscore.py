@@ -5,14 +5,12 @@ without the hub."""
 import evaluate
 
 from llmft.evaluation import DEFAULT_BERTSCORE_LANG, bertscore, bertscore_model
-from llmft.metrics import text_pair_features
+from llmft.metrics import metric_info
 
 
 class BERTScore(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__, citation="Zhang et al., 2020", inputs_description="",
-            features=text_pair_features())
+        return metric_info(__doc__, "Zhang et al., 2020")
 
     def _compute(self, predictions, references, lang=DEFAULT_BERTSCORE_LANG, model_type=None, num_layers=None,
                  batch_size=64, device=None):

@@ -4,14 +4,12 @@ reference, optional ``smooth``), plus sacreBLEU's own corpus score as ``sacreble
 import evaluate
 
 from llmft.evaluation import bleu
-from llmft.metrics import text_pair_features
+from llmft.metrics import metric_info
 
 
 class Bleu(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__, citation="Papineni et al., 2002; Post, 2018 (sacreBLEU)", inputs_description="",
-            features=text_pair_features())
+        return metric_info(__doc__, "Papineni et al., 2002; Post, 2018 (sacreBLEU)")
 
     def _compute(self, predictions, references, max_order=4, smooth=False, tokenizer=None):
         return bleu(predictions, references, max_order=max_order, smooth=smooth, tokenizer=tokenizer)

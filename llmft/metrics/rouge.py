@@ -4,14 +4,12 @@ words in any script by default (``tokenizer="hub"`` for rouge-score's ASCII-only
 import evaluate
 
 from llmft.evaluation import ROUGE_TYPES, rouge
-from llmft.metrics import text_pair_features
+from llmft.metrics import metric_info
 
 
 class Rouge(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__, citation="Lin, 2004", inputs_description="",
-            features=text_pair_features())
+        return metric_info(__doc__, "Lin, 2004")
 
     def _compute(self, predictions, references, rouge_types=ROUGE_TYPES, use_stemmer=False, use_aggregator=True,
                  tokenizer=None):

@@ -1,0 +1,224 @@
+"""Typed configs: every option of llmft's trainers, its T4 default and its meaning, written once.
+
+As TRL's ``SFTConfig``: a dataclass per concept, each field with ``metadata={"help": ...}``.
+
+- :class:`TrainingControlConfig`: metrics CSV, best checkpoint, early stopping, weight-decay ramp, LR schedule
+  (:func:`llmft.attach_training_control`);
+- :class:`SFTOptions` / :class:`DPOOptions`: everything :func:`llmft.build_trainer` / :func:`llmft.build_dpo_trainer`
+  take as keywords (the control fields included), with their own defaults where SFT and DPO differ;
+- :class:`DistillConfig`: knowledge distillation against forgetting (:class:`llmft.trainers.DistillSFTTrainer`).
+
+Options that are neither llmft's nor TRL's are refused with the closest name suggested (:func:`check_names`); the
+builders write the options they used to ``output_dir/llmft_config.json`` (:func:`save_config`), so every run
+records its settings, and a recipe file (:mod:`llmft.recipes`) is these same fields in YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from llmft.models import DEFAULT_SEED
+
+CONFIG_FILE = "llmft_config.json"
+
+
+def _help(text: str, default: Any = None, **kwargs):
+    if "default_factory" in kwargs:
+        return field(metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text})
+
+
+def check_names(given: Iterable[str], known: Iterable[str], where: str, hint: str) -> None:
+    """Raise ``TypeError`` naming every name in ``given`` that is not in ``known``, with the closest known name."""
+    known = sorted(set(known))
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        described = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            described.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"{where}: unknown option(s) {', '.join(described)}. {hint}")
+
+
+def field_names(config_cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_cls)]
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation against forgetting (CodeMMLU report): the SFT loss plus ``weight`` x KL(teacher ||
+    student) on response tokens, the teacher being the same model with its LoRA adapter disabled (the base model: no
+    second model in memory)."""
+
+    weight: float = _help("λ, the KL term's weight (0.3 kept 86% of the Fibonacci probe in `python -m llmft demo`).",
+                          0.3)
+    temperature: float = _help("Softens both distributions; the KL is scaled by T² so its gradient keeps its size.",
+                               1.0)
+    only_where_teacher_right: bool = _help(
+        "The CodeMMLU report's variant: distil only on tokens the teacher predicts correctly.", False)
+
+    def __post_init__(self):
+        if self.weight < 0 or self.temperature <= 0:
+            raise ValueError(f"DistillConfig(weight={self.weight}, temperature={self.temperature}): need weight >= 0 "
+                             "and temperature > 0")
+
+    @classmethod
+    def coerce(cls, value) -> "DistillConfig | None":
+        """``None``/``False`` → no distillation; ``True`` → the defaults; a dict → its fields (names checked)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            check_names(value, field_names(cls), "distill", f"DistillConfig fields are {field_names(cls)}.")
+            return cls(**value)
+        raise TypeError(f"distill={value!r}: use a DistillConfig, a dict of its fields, True or None")
+
+
+@dataclass
+class TrainingControlConfig:
+    """What :func:`llmft.attach_training_control` adds to a trainer (see :mod:`llmft.callbacks`)."""
+
+    metric: str = _help("Eval metric that picks the best checkpoint and drives early stopping, e.g. 'eval_loss' or "
+                        "'eval_rewards/accuracies' for DPO.", "eval_loss")
+    greater_is_better: bool | None = _help("Direction of `metric`; None infers it from the name (losses lower).")
+    early_stopping_patience: int | None = _help("Stop after this many evaluations without improvement; None: off.", 3)
+    early_stopping_min_delta: float = _help("Smallest change of `metric` that counts as an improvement.", 0.0)
+    keep_best: int = _help("How many best adapters to keep in output_dir/best (best.json says which); 0: none.", 2)
+    metrics_csv: bool = _help("Write output_dir/metrics.csv, one row per log/eval event (resume-safe).", True)
+    tensorboard: bool = _help("Also write TensorBoard events next to the CSV.", False)
+    weight_decay_ramp: tuple[float, float] | None = _help(
+        "(start, end): weight decay rising linearly over training (CodeMMLU report); None: constant.")
+    scheduler: Any = _help("LR schedule: 'chebyshev', 'chebyshev_full', 'chebyshev_steps', 'chebyshev_fractal' or a "
+                           "callable (optimizer, num_training_steps) -> LambdaLR; None keeps lr_scheduler_type.")
+    scheduler_options: dict | None = _help("Keyword options of `scheduler` (e.g. cos_coeffs, min_ratio).")
+
+    def __post_init__(self):
+        if self.weight_decay_ramp is not None:
+            self.weight_decay_ramp = tuple(self.weight_decay_ramp)
+            if len(self.weight_decay_ramp) != 2:
+                raise ValueError(f"weight_decay_ramp={self.weight_decay_ramp!r}: give (start, end)")
+
+    def control(self) -> "TrainingControlConfig":
+        """Only the control fields (of a subclass instance such as :class:`SFTOptions`)."""
+        return TrainingControlConfig(**{name: getattr(self, name) for name in field_names(TrainingControlConfig)})
+
+
+@dataclass
+class _RunOptions:
+    """Options every llmft trainer shares (passed on to TRL's SFTConfig/DPOConfig)."""
+
+    output_dir: str = _help("Checkpoints, metrics.csv, best/ and llmft_config.json go here.", "outputs")
+    max_steps: int = _help("Optimizer steps; -1: run num_train_epochs.", -1)
+    num_train_epochs: float = _help("Epochs when max_steps is -1 (fractions allowed, e.g. 0.2).", 1.0)
+    per_device_train_batch_size: int = _help("Rows per micro-batch (a T4 holds 2 for a 3B model at 2k tokens).", 2)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step: effective batch = batch x this.", 4)
+    learning_rate: float = _help("Peak learning rate.", 2e-4)
+    warmup_steps: float = _help("Linear warmup steps (a float < 1 is a fraction of the run); every schedule.", 5)
+    lr_scheduler_type: str = _help("transformers' schedule name ('linear', 'cosine', ...) when scheduler is None.",
+                                   "linear")
+    weight_decay: float = _help("AdamW weight decay.", 0.01)
+    max_grad_norm: float = _help("Gradient clipping (the CodeMMLU report's 1.0).", 1.0)
+    logging_steps: int = _help("Log (and write a metrics.csv row) every this many steps.", 1)
+    eval_steps: int | None = _help("Evaluate and checkpoint every this many steps; None: a tenth of the run.")
+    eval_max_samples: int | None = _help("Evaluate on a fixed random subset of at most this many rows; None: all.",
+                                         200)
+    save_total_limit: int | None = _help("Checkpoints kept for resuming (best/ is kept apart).", 2)
+    optim: str | None = _help("Optimizer; None: 'adamw_8bit' on a GPU, 'adamw_torch' on a CPU.")
+    seed: int = _help("Random seed (also the data order seed).", DEFAULT_SEED)
+    report_to: str = _help("transformers' integrations ('none', 'tensorboard', 'wandb', ...).", "none")
+
+
+@dataclass
+class SFTOptions(TrainingControlConfig, _RunOptions):
+    """Every option of :func:`llmft.build_trainer` (T4 defaults). Other ``trl.SFTConfig`` fields pass through."""
+
+    max_seq_length: int | None = _help("Longest row in tokens; None: the model's (from load_model).")
+    responses_only: bool | None = _help("Loss on responses only; None: on for chat data, and for text data when "
+                                        "instruction_part and response_part are given.")
+    instruction_part: str | None = _help("Text data: the marker before each instruction, e.g. '### Instruction:\\n'.")
+    response_part: str | None = _help("Text data: the marker before each response, e.g. '### Response:\\n'.")
+    distill: DistillConfig | None = _help("Knowledge distillation from the adapter-disabled model (a DistillConfig, "
+                                          "its fields as a dict, or True for the defaults); None: off.")
+
+    def __post_init__(self):
+        TrainingControlConfig.__post_init__(self)
+        self.distill = DistillConfig.coerce(self.distill)
+        if (self.instruction_part is None) != (self.response_part is None):
+            raise ValueError("build_trainer: give both instruction_part and response_part, or neither")
+
+
+@dataclass
+class DPOOptions(TrainingControlConfig, _RunOptions):
+    """Every option of :func:`llmft.build_dpo_trainer`: DPO wants far smaller steps than SFT and no weight decay.
+    Other ``trl.DPOConfig`` fields pass through."""
+
+    output_dir: str = _help("Checkpoints, metrics.csv, best/ and llmft_config.json go here.", "outputs_dpo")
+    learning_rate: float = _help("Peak learning rate (DPO wants far smaller steps than SFT).", 5e-6)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    beta: float = _help("DPO's β: how far the policy may move from the reference.", 0.1)
+    max_length: int | None = _help("Longest prompt + response in tokens; None: the model's max_seq_length.")
+
+
+def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=None):
+    """Split keyword options into (``config_cls`` instance, passthrough dict of ``trl_config_cls`` fields); unknown
+    names get a suggestion.
+    ``base``: a ``config_cls`` instance (or dict of its fields) the keywords override."""
+    if isinstance(base, dict):  # a recipe's section: its names are checked like keywords
+        given, base = {**base, **given}, None
+    ours = set(field_names(config_cls))
+    trl_fields = set(field_names(trl_config_cls)) if trl_config_cls is not None else set()
+    trl_hint = f" or trl.{trl_config_cls.__name__} fields" if trl_config_cls is not None else ""
+    check_names(given, ours | trl_fields, builder,
+                f"Options are {builder}'s own (llmft.configs.{config_cls.__name__}){trl_hint}.")
+    if isinstance(base, config_cls):
+        base = {name: getattr(base, name) for name in ours}
+    values = {**(base or {}), **{k: v for k, v in given.items() if k in ours}}
+    passthrough = {k: v for k, v in given.items() if k not in ours}
+    return config_cls(**values), passthrough
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)
+
+
+def config_dict(options, trl_args: dict | None = None, kind: str | None = None) -> dict:
+    """The JSON-ready record of a run's settings: ``{"kind", "options", "trl"}``."""
+    return {"kind": kind or type(options).__name__, "options": _jsonable(options), "trl": _jsonable(trl_args or {})}
+
+
+def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = None, kind: str | None = None) -> Path:
+    """Write ``output_dir/llmft_config.json`` atomically; returns its path."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config_dict(options, trl_args, kind), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def help_table(config_cls) -> str:
+    """``name (default): help`` for every field, one a line (for docs and ``--help``)."""
+    lines = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else "…"
+        lines.append(f"{f.name} ({default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

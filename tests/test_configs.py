@@ -1,0 +1,107 @@
+"""Typed configs: one default per option (the dataclass), the builders' keywords are its fields, every run records
+its settings, and the distillation trainer is a real module-level class."""
+import dataclasses
+import inspect
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import llmft
+from llmft import configs, trainers
+from llmft.configs import DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("cls", [SFTOptions, DPOOptions, TrainingControlConfig, DistillConfig])
+def test_every_field_is_documented(cls):
+    for field in dataclasses.fields(cls):
+        assert len(field.metadata.get("help", "")) > 10, f"{cls.__name__}.{field.name} has no help"
+
+
+@pytest.mark.parametrize("builder,cls", [(llmft.build_trainer, SFTOptions), (llmft.build_dpo_trainer, DPOOptions)])
+def test_builder_keywords_are_the_config_fields_with_its_defaults(builder, cls):
+    parameters = inspect.signature(builder).parameters
+    for field in dataclasses.fields(cls):
+        assert parameters[field.name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert parameters[field.name].default == field.default
+    assert SFTOptions().learning_rate == 2e-4 and DPOOptions().learning_rate == 5e-6  # where SFT and DPO differ
+    assert DPOOptions().weight_decay == 0.0 and DPOOptions().output_dir == "outputs_dpo"
+    # the control options are the one TrainingControlConfig's, with the same defaults
+    for field in dataclasses.fields(TrainingControlConfig):
+        assert parameters[field.name].default == field.default
+
+
+def test_config_validation_errors_name_the_fix():
+    with pytest.raises(ValueError, match="give both instruction_part and response_part"):
+        SFTOptions(instruction_part="### Instruction:\n")
+    with pytest.raises(TypeError, match=r"distill: unknown option\(s\) 'wieght' \(did you mean 'weight'\?\)"):
+        SFTOptions(distill={"wieght": 0.3})
+    assert SFTOptions(distill=True).distill == DistillConfig() and SFTOptions(distill=False).distill is None
+    with pytest.raises(ValueError, match=r"weight_decay_ramp=\(0.1,\): give \(start, end\)"):
+        TrainingControlConfig(weight_decay_ramp=[0.1])
+
+
+def test_build_records_its_settings_and_accepts_a_config(lora_model, chat_dataset, tmp_path):
+    model, tokenizer = lora_model
+    base = SFTOptions(output_dir=str(tmp_path / "a"), learning_rate=1e-3, max_steps=3, weight_decay_ramp=(0.0, 0.1))
+    trainer = llmft.build_trainer(model, tokenizer, chat_dataset, config=base, max_steps=4, packing=False,
+                                  verbose=False)
+    assert isinstance(trainer, trainers.LlmftSFTTrainer)
+    assert trainer.args.learning_rate == 1e-3 and trainer.args.max_steps == 4  # the keyword overrides the config
+    assert trainer.llmft_options.max_steps == 4 and base.max_steps == 3  # the caller's config is not changed
+    record = json.loads((tmp_path / "a" / configs.CONFIG_FILE).read_text())
+    assert record["kind"] == "build_trainer" and record["trl"] == {"packing": False}
+    assert record["options"]["learning_rate"] == 1e-3 and record["options"]["weight_decay_ramp"] == [0.0, 0.1]
+    assert set(record["options"]) == {f.name for f in dataclasses.fields(SFTOptions)}
+    with pytest.raises(TypeError, match=r"build_trainer: unknown option\(s\) 'learning_rte' \(did you mean "
+                                        r"'learning_rate'\?\)"):
+        llmft.build_trainer(model, tokenizer, chat_dataset, config={"learning_rte": 1e-3})
+
+
+def test_attach_training_control_checks_names_and_schedule_hook(lora_model, chat_dataset, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = lora_model
+    plain = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=chat_dataset,
+                       args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none",
+                                      **trainers.precision_flags()))
+    with pytest.raises(TypeError, match=r"'early_stoping_patience' \(did you mean 'early_stopping_patience'\?\)"):
+        llmft.attach_training_control(plain, early_stoping_patience=2)
+    with pytest.raises(TypeError, match="no schedule hook.*TrainerMixin"):
+        llmft.attach_training_control(plain, scheduler="chebyshev")
+
+
+def test_distill_trainer_is_a_module_level_class():
+    assert trainers.DistillSFTTrainer.__module__ == "llmft.trainers"
+    assert pickle.loads(pickle.dumps(trainers.DistillSFTTrainer)) is trainers.DistillSFTTrainer
+    from trl import SFTTrainer
+
+    assert issubclass(trainers.DistillSFTTrainer, SFTTrainer)
+    # configured per instance (not through a class attribute), and subclassable
+    assert "distill" in inspect.signature(trainers.DistillSFTTrainer.__init__).parameters
+    assert not hasattr(trainers.DistillSFTTrainer, "llmft_distill")
+
+    class Mine(trainers.DistillSFTTrainer):
+        pass
+
+    assert issubclass(Mine, trainers.TrainerMixin)
+
+
+def test_offline_switch_reaches_libraries_that_were_already_imported(tmp_path):
+    code = ("import llmft, huggingface_hub.constants as hub, datasets.config as ds\n"
+            "before = hub.is_offline_mode()\n"
+            "from llmft.__main__ import set_offline\n"
+            "set_offline()\n"
+            "print('OFFLINE', before, hub.is_offline_mode(), ds.HF_HUB_OFFLINE)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=600)
+    line = next(line for line in out.stdout.splitlines() if line.startswith("OFFLINE"))
+    assert line == "OFFLINE False True True", out.stderr[-2000:]

@@ -1,0 +1,40 @@
+"""The experiment runner: every variant from the same base, one tidy table, the paths of every run."""
+from pathlib import Path
+
+import llmft
+from llmft import experiments, probes, templates, testing
+
+
+def test_runs_each_variant_from_the_same_base(tiny_dir, tmp_path):
+    _, tokenizer = llmft.load_model(tiny_dir, max_seq_length=256, lora_r=None)
+    rows = llmft.mcq_rows(testing.tiny_codemmlu(24), eos_token=tokenizer.eos_token, verbose=False)
+    train, val = rows.select(range(16)), rows.select(range(16, 24))
+    probe = probes.fibonacci_probe(max_items=4)
+    seen = []
+
+    def on_run(name, model, tokenizer, trainer):
+        seen.append((name, trainer.args.max_steps, sum(p.requires_grad for p in model.parameters()) > 0))
+        return {"note": f"{name} done"}
+
+    result = experiments.run_experiment(
+        tiny_dir, {"2 steps": dict(max_steps=2), "4 steps + KD": dict(max_steps=4, distill={"weight": 0.3})},
+        train.select_columns(["text"]), val.select_columns(["text"]), output_dir=str(tmp_path),
+        load_options=dict(max_seq_length=256, lora_r=8), probes={"fib": probe},
+        scorers={"mcq": experiments.mcq_accuracy(val)}, on_run=on_run, progress=False, verbose=False,
+        trainer_options=dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3,
+                             instruction_part=templates.MCQ_INSTRUCTION_PART,
+                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None))
+    table = result.table
+    assert list(table["run"]) == ["base", "2 steps", "4 steps + KD"] and list(table["steps"]) == [0, 2, 4]
+    assert seen == [("2 steps", 2, True), ("4 steps + KD", 4, True)]
+    assert list(table["note"])[1:] == ["2 steps done", "4 steps + KD done"]
+    assert all(0 <= v <= 1 for v in table["fib_accuracy"]) and all(0 <= v <= 1 for v in table["mcq"])
+    for name in ("2 steps", "4 steps + KD"):
+        run = result.runs[name]
+        assert Path(run["output_dir"]).name == experiments.run_slug(name)
+        assert (Path(run["adapters"]) / "adapter_config.json").exists() and Path(run["metrics"]).exists()
+        assert (Path(run["output_dir"]) / "llmft_config.json").exists()
+    kd_metrics = Path(result.runs["4 steps + KD"]["metrics"]).read_text()
+    assert "kd_loss" in kd_metrics.splitlines()[0]  # each variant's own options reached its trainer
+    assert set(result.answers["run"]) == {"base", "2 steps", "4 steps + KD"} and len(result.answers) == 3 * 4
+    assert result.model is not None and experiments.run_slug("0.2 epoch + KD") == "0p2_epoch_plus_KD"
