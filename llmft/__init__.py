@@ -14,7 +14,8 @@ from llmft.data import (  # noqa: E402
     DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
     sharegpt_to_messages,
 )
-from llmft import evaluation, experiments, mcq, probes, recipes  # noqa: E402,F401  (llmft.mcq.score_choices, ...)
+from llmft import analysis, evaluation, experiments, mcq, probes, recipes  # noqa: E402,F401  (modules)
+from llmft.analysis import intruder_dimensions, plot_intruders, reduce_intruders, repair_sweep  # noqa: E402
 from llmft.configs import DPOOptions, SFTOptions, TrainingControlConfig  # noqa: E402
 from llmft.experiments import run_experiment  # noqa: E402
 from llmft.generation import generate_batch, generate_response  # noqa: E402
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
     "output_dir", "preflight", "NoGPUError",
+    "intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep",
     "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig", "DistillSFTTrainer",
     "SFTOptions", "DPOOptions", "TrainingControlConfig", "run_experiment",
     "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
