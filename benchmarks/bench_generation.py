@@ -12,7 +12,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import llmft  # noqa: E402  (Unsloth first)
-from llmft import testing  # noqa: E402
+from llmft import models, testing  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +39,11 @@ def main() -> None:
 
     same = sum(a == b for a, b in zip(looped, batched))
     print(f"{args.prompts} prompts, {args.new_tokens} new tokens, batch {args.batch_size}, "
-          f"compute dtype {testing.cpu_compute_dtype()}")
+          f"compute dtype {models.cpu_compute_dtype()}")
     print(f"per-prompt loop {t_loop:.2f} s, batched {t_batch:.2f} s -> batched is {t_loop / t_batch:.1f}x faster")
     # Padding changes the order of float sums: identical in fp32 here (64/64); in bf16 (or fp16 on a T4) a random
     # tiny model's near-ties flip some greedy tokens (46/64 measured on a bf16 CPU). A trained model has margins.
-    print(f"identical greedy outputs: {same}/{len(prompts)} ({testing.cpu_compute_dtype()}; near-ties of a random "
+    print(f"identical greedy outputs: {same}/{len(prompts)} ({models.cpu_compute_dtype()}; near-ties of a random "
           "tiny model may flip in bf16/fp16)")
 
 

@@ -33,6 +33,11 @@ class DataError(ValueError):
     """A row that cannot be converted: the message names the row index, the field and how to fix it."""
 
 
+def shorten(items, limit: int = 10) -> str:
+    """The first ``limit`` row indices (or ids) of a report, then "...": what messages show of a long list."""
+    return ", ".join(map(str, items[:limit])) + (", ..." if len(items) > limit else "")
+
+
 @dataclass
 class DataReport:
     """What an adapter did: rows in, rows out, rows skipped per reason (with their indices), over-long rows."""
@@ -61,13 +66,13 @@ class DataReport:
     def __str__(self) -> str:
         lines = [f"{self.name}: {self.rows_in} rows in, {self.rows_out} out, {self.n_skipped} skipped"]
         for reason, idx in self.skipped.items():
-            shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+            shown = shorten(idx)
             lines.append(f"  skipped {len(idx)} ({reason}): {self.unit} {shown}")
         for reason, idx in self.dropped.items():
-            shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+            shown = shorten(idx)
             lines.append(f"  dropped {len(idx)} {reason} (the rows are kept): {self.unit} {shown}")
         if self.max_seq_length is not None:
-            shown = ", ".join(map(str, self.overlong[:10])) + (", ..." if len(self.overlong) > 10 else "")
+            shown = shorten(self.overlong)
             lines.append(f"  {len(self.overlong)} longer than max_seq_length={self.max_seq_length} tokens"
                          + (f" (truncated in training): rows {shown}" if self.overlong else ""))
         return "\n".join(lines)

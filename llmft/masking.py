@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmft.data import DataError
+from llmft.data import DataError, shorten
 from llmft.templates import require_chat_template
 
 IGNORE_INDEX = -100
@@ -40,14 +40,10 @@ class MaskReport:
         lines = [f"{self.name}: loss on responses only; {self.rows} rows, {len(self.empty_rows)} with no trainable "
                  f"token{dropped}; {len(self.empty_turns)} assistant turns with no trainable token"]
         if self.empty_rows:
-            lines.append(f"  dropped rows (empty or truncated responses): {_show(self.empty_rows)}")
+            lines.append(f"  dropped rows (empty or truncated responses): {shorten(self.empty_rows)}")
         if self.empty_turns:
-            lines.append(f"  untrained turns (row, turn): {_show(self.empty_turns)}")
+            lines.append(f"  untrained turns (row, turn): {shorten(self.empty_turns)}")
         return "\n".join(lines)
-
-
-def _show(items) -> str:
-    return ", ".join(map(str, items[:10])) + (", ..." if len(items) > 10 else "")
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:

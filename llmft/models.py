@@ -30,6 +30,18 @@ def pick_dtype():
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cpu_compute_dtype() -> str:
+    """What Unsloth's CPU mode computes in on this machine: "bfloat16" where the CPU has native bf16 (AMX /
+    AVX512-BF16, or forced with ``UNSLOTH_CPU_BF16=1``), else "float32"; "cuda" on a GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+
+    return "bfloat16" if cpu_bf16_supported() else "float32"
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((HUB_HOST, 443), timeout=timeout):

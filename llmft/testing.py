@@ -55,18 +55,6 @@ def smoke_mode() -> bool:
     return os.environ.get("LLMFT_SMOKE", "").strip().lower() in {"1", "true", "yes"}
 
 
-def cpu_compute_dtype() -> str:
-    """What Unsloth's CPU mode computes in on this machine: "bfloat16" where the CPU has native bf16 (AMX /
-    AVX512-BF16, or forced with ``UNSLOTH_CPU_BF16=1``), else "float32"; "cuda" on a GPU machine."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    from unsloth_zoo.cpu.runtime import cpu_bf16_supported
-
-    return "bfloat16" if cpu_bf16_supported() else "float32"
-
-
 def cache_dir() -> Path:
     """Where tiny assets are cached: ``$LLMFT_CACHE`` or ``~/.cache/llmft``."""
     root = os.environ.get("LLMFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmft")
@@ -315,7 +303,7 @@ def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int =
         from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
         tok = tiny_tokenizer(vocab_size) if tokenizer == "tiny" else real_tokenizer(tokenizer)
-        eos_ids = [tok.convert_tokens_to_ids(t) for t in _STOP_TOKENS.get(tokenizer, [tok.eos_token])]
+        eos_ids = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS.get(tokenizer, [tok.eos_token])]
         common = dict(
             vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -381,7 +369,7 @@ REAL_TOKENIZERS: dict[str, RealTokenizerSource] = {
 }
 ASSETS_REQUIREMENTS = "requirements-test-assets.txt"
 # End-of-turn / end-of-text ids the real instruct models list in their generation_config (generation stops on any).
-_STOP_TOKENS = {"llama-3": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"], "qwen": ["<|im_end|>", "<|endoftext|>"],
+STOP_TOKENS = {"llama-3": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"], "qwen": ["<|im_end|>", "<|endoftext|>"],
                 "mistral": ["</s>"]}
 
 

@@ -18,11 +18,11 @@ sys.path.insert(0, str(REPO))
 import pytest  # noqa: E402
 
 import llmft  # noqa: E402,F401  (imports Unsloth before anything else imports trl/transformers)
-from llmft import testing  # noqa: E402
+from llmft import models, testing  # noqa: E402
 
 # Unsloth's CPU mode computes in bf16 where the CPU has native bf16 (AMX / AVX512-BF16) and in fp32 elsewhere;
 # UNSLOTH_CPU_BF16=0/1 forces either, and CI runs the suite both ways. Tests comparing two computations use TOL.
-BF16 = testing.cpu_compute_dtype() == "bfloat16"
+BF16 = models.cpu_compute_dtype() == "bfloat16"
 TOL = {"rel": 5e-3, "abs": 3e-2} if BF16 else {"rel": 1e-5, "abs": 1e-5}
 
 
@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return f"llmft: Unsloth CPU compute dtype = {testing.cpu_compute_dtype()} (UNSLOTH_CPU_BF16=" \
+    return f"llmft: Unsloth CPU compute dtype = {models.cpu_compute_dtype()} (UNSLOTH_CPU_BF16=" \
            f"{os.environ.get('UNSLOTH_CPU_BF16', '<unset>')})"
 
 

@@ -151,7 +151,7 @@ def test_batched_generation_pads_left_with_the_pad_token_and_stops_on_every_eos(
     assert call["pad_token_id"] == tokenizer.pad_token_id  # the id the inputs were padded with (0 for Mistral)
     stops = model.generation_config.eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops])
-    expected = {tokenizer.convert_tokens_to_ids(t) for t in testing._STOP_TOKENS[family]}
+    expected = {tokenizer.convert_tokens_to_ids(t) for t in testing.STOP_TOKENS[family]}
     assert stops == expected  # every end-of-turn id of the family, not only tokenizer.eos_token_id
 
 
@@ -174,7 +174,7 @@ def test_generation_stops_at_any_end_of_turn_id(real):
     from transformers import LogitsProcessorList
 
     family, model, tokenizer = real
-    others = [tokenizer.convert_tokens_to_ids(t) for t in testing._STOP_TOKENS[family]
+    others = [tokenizer.convert_tokens_to_ids(t) for t in testing.STOP_TOKENS[family]
               if tokenizer.convert_tokens_to_ids(t) != tokenizer.eos_token_id]
     if not others:
         pytest.skip(f"{family} has a single end-of-turn id")
