@@ -26,7 +26,8 @@ SHARED_ARGS = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_
                "gradient_accumulation_steps", "learning_rate", "warmup_steps", "lr_scheduler_type", "weight_decay",
                "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit", "optim", "seed", "report_to")
 CONTROL_OPTIONS = ("metric", "greater_is_better", "early_stopping_patience", "early_stopping_min_delta", "keep_best",
-                   "metrics_csv", "tensorboard", "weight_decay_ramp", "scheduler", "scheduler_options")
+                   "metrics_csv", "tensorboard", "weight_decay_ramp", "scheduler", "scheduler_options", "probes", "retain",
+                   "retain_patience")
 
 
 def precision_flags() -> dict:
@@ -148,6 +149,9 @@ def build_trainer(
     metrics_csv: bool = True,
     tensorboard: bool = False,
     weight_decay_ramp: tuple[float, float] | None = None,
+    probes: list | None = None,
+    retain: dict | None = None,
+    retain_patience: int | None = 2,
     callbacks: list | None = None,
     distill: DistillConfig | dict | bool | None = None,
     verbose: bool = True,
@@ -179,6 +183,13 @@ def build_trainer(
     by ``metric`` in ``output_dir/best`` (``best.json`` says which), early stopping after ``early_stopping_patience``
     evaluations without improvement (``None`` turns it off), a NaN/inf-loss guard, and optionally a weight-decay ramp
     ``weight_decay_ramp=(start, end)``. ``greater_is_better=None`` infers the direction from the metric's name.
+
+    Live probes: ``probes=[llmft.probes.fibonacci_probe()]`` scores each probe at every evaluation (greedy, bounded:
+    see :class:`llmft.callbacks.ProbeCallback`, which can be passed instead of the list to change the bounds) and
+    reports ``eval_probe/<name>`` with the eval metrics (CSV, plots, best checkpoint, early stopping see it).
+    ``retain={"fibonacci": 0.9}`` is a retention guard: the best checkpoint is chosen only among evaluations that
+    keep each named probe at or above its threshold, and training stops once a retained probe has stayed below for
+    ``retain_patience`` evaluations in a row (default 2, so one noisy dip does not stop a run; ``None``: never stop).
 
     ``scheduler``: a Chebyshev schedule by name ("chebyshev", "chebyshev_full", "chebyshev_steps",
     "chebyshev_fractal"; options in ``scheduler_options``) or a callable ``(optimizer, num_training_steps)`` returning
@@ -382,6 +393,9 @@ def build_dpo_trainer(
     metrics_csv: bool = True,
     tensorboard: bool = False,
     weight_decay_ramp: tuple[float, float] | None = None,
+    probes: list | None = None,
+    retain: dict | None = None,
+    retain_patience: int | None = 2,
     callbacks: list | None = None,
     verbose: bool = True,
     **dpo_config,
@@ -398,7 +412,8 @@ def build_dpo_trainer(
     ``max_grad_norm=1.0``, bounded eval subset, checkpoints for :func:`train` to resume, the same training control and
     schedules) with DPO's own: ``beta=0.1``, ``learning_rate=5e-6`` (DPO wants far smaller steps than SFT), no weight
     decay, ``max_length`` = the model's ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g.
-    ``"eval_rewards/accuracies"`` or ``"eval_rewards/margins"`` (higher is better, inferred from the name). Any other
+    ``"eval_rewards/accuracies"`` or ``"eval_rewards/margins"`` (higher is better, inferred from the name). Live probes
+    and the retention guard (``probes``, ``retain``, ``retain_patience``) work as in :func:`build_trainer`. Any other
     ``trl.DPOConfig`` field can be passed as a keyword.
     """
     options = dict(locals())
@@ -437,27 +452,57 @@ def attach_training_control(trainer, *, metric: str = "eval_loss", greater_is_be
                             early_stopping_patience: int | None = 3, early_stopping_min_delta: float = 0.0,
                             keep_best: int = 2, metrics_csv: bool = True, tensorboard: bool = False,
                             weight_decay_ramp: tuple[float, float] | None = None, scheduler=None,
-                            scheduler_options: dict | None = None):
+                            scheduler_options: dict | None = None, probes=None, retain: dict | None = None,
+                            retain_patience: int | None = 2):
     """Add llmft's training control to any transformers/TRL trainer (SFT, DPO, ...): metrics CSV, best checkpoint
-    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp and
-    an optional custom LR schedule. Returns the trainer."""
+    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp,
+    an optional custom LR schedule, and live probes with a retention guard (``probes``, ``retain``,
+    ``retain_patience``: see :func:`build_trainer`). Returns the trainer."""
     out = Path(trainer.args.output_dir)
     evaluates = trainer.eval_dataset is not None and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO")
+    prober = _probe_callback(trainer, probes, retain, evaluates)
+    if prober is not None:  # first of all: it adds eval_probe/* to the eval logs every later callback sees
+        trainer.callback_handler.callbacks.insert(0, prober)
     if weight_decay_ramp is not None:  # before the logger, so the logged row carries the weight decay in use
         trainer.add_callback(cb.WeightDecayRamp(*weight_decay_ramp))
     if metrics_csv:
         trainer.add_callback(cb.MetricsLogger(out / "metrics.csv", tensorboard=tensorboard))
     if evaluates and keep_best:
-        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), metric, greater_is_better, keep=keep_best))
+        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), metric, greater_is_better, keep=keep_best,
+                                               retain=retain))
     if evaluates and early_stopping_patience:
         trainer.add_callback(cb.EarlyStopping(early_stopping_patience, metric, greater_is_better,
                                               early_stopping_min_delta))
+    if retain and retain_patience:
+        trainer.add_callback(cb.RetentionGuard(retain, retain_patience))
     trainer.add_callback(cb.NonFiniteLossGuard())
     trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
     trainer.args.restore_callback_states_from_checkpoint = True
     if scheduler is not None:
         use_schedule(trainer, scheduler, **(scheduler_options or {}))
     return trainer
+
+
+def _probe_callback(trainer, probes, retain, evaluates):
+    """The :class:`llmft.callbacks.ProbeCallback` for ``probes`` (or ``probes`` itself when it is one), with
+    ``retain`` checked against the probe names."""
+    if not probes:
+        if retain:
+            raise ValueError(f"retain={retain!r} guards probes, but no probes were given: pass "
+                             "probes=[llmft.probes.fibonacci_probe()] (or your own) as well")
+        return None
+    if not evaluates:
+        raise ValueError("probes are scored at every evaluation, and this trainer never evaluates: give an "
+                         "eval_dataset (evaluated every eval_steps), or score probes after training with "
+                         "llmft.probes.run_probe / probe_checkpoints")
+    prober = probes if isinstance(probes, cb.ProbeCallback) else cb.ProbeCallback(probes, trainer.processing_class)
+    names = [p.name for p in prober.probes]
+    for name in cb._check_retain(retain, "retain"):
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=1)
+            raise ValueError(f"retain: no probe named {name!r} among probes {names}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return prober
 
 
 def use_schedule(trainer, scheduler, **options):
