@@ -8,13 +8,15 @@ from llmft._unsloth import import_unsloth as _import_unsloth
 _import_unsloth()  # before anything below imports trl/transformers
 
 from llmft.callbacks import (  # noqa: E402
-    BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, WeightDecayRamp,
+    BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, ProbeCallback,
+    RetentionGuard, WeightDecayRamp,
 )
 from llmft.data import (  # noqa: E402
     DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
     sharegpt_to_messages,
 )
-from llmft import evaluation, mcq, probes  # noqa: E402,F401  (modules: llmft.mcq.score_choices, ...)
+from llmft import analysis, evaluation, mcq, probes  # noqa: E402,F401  (modules: llmft.mcq.score_choices, ...)
+from llmft.analysis import intruder_dimensions, plot_intruders, reduce_intruders, repair_sweep  # noqa: E402
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
 from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # noqa: E402
@@ -29,6 +31,8 @@ __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
     "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
     "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
+    "ProbeCallback", "RetentionGuard",
+    "intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep",
     "chebyshev_schedule", "chebyshev_step_schedule",
     "plot_training", "plot_dpo", "plot_schedule", "load_metrics",
     "generate_response", "generate_batch",
