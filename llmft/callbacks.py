@@ -84,7 +84,7 @@ def _check_retain(retain: dict | None, who: str) -> dict[str, float]:
     for name, threshold in retain.items():
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"{who}(retain={{{name!r}: {threshold!r}}}): a threshold is a probe accuracy in [0, 1]")
-        checked[str(name)[len(PROBE_PREFIX):] if str(name).startswith(PROBE_PREFIX) else str(name)] = float(threshold)
+        checked[probe_metric(str(name))[len(PROBE_PREFIX):]] = float(threshold)
     return checked
 
 

@@ -45,7 +45,9 @@ def _save(fig, path):
 
 def plot_training(source, path: str | os.PathLike | None = None, title: str = "Training"):
     """The lab's four panels: train loss, validation loss, learning rate and GPU memory (reserved and allocated,
-    GB; flat at 0 on a CPU) against the step."""
+    GB; flat at 0 on a CPU) against the step. Live probes (``eval_probe/<name>``, see
+    :class:`llmft.callbacks.ProbeCallback`) are drawn on a second axis of the validation panel: the forgetting
+    curve beside the loss."""
     import matplotlib.pyplot as plt
 
     frame = load_metrics(source)
@@ -69,6 +71,15 @@ def plot_training(source, path: str | os.PathLike | None = None, title: str = "T
         elif len(lines) > 1:
             ax.legend()
         ax.set(xlabel="step", title=f"{title}: {name}")
+    probe_columns = [c for c in frame.columns if c.startswith("eval_probe/")]
+    if probe_columns:
+        twin = axes[0, 1].twinx()
+        for column in probe_columns:
+            points = _series(frame, column)
+            if points is not None:
+                twin.plot(points["step"], points[column], "s--", label=f"probe {column[len('eval_probe/'):]}")
+        twin.set(ylabel="probe accuracy", ylim=(-0.02, 1.02))
+        twin.legend(loc="lower left", fontsize="small")
     return _save(fig, path)
 
 
@@ -129,4 +140,13 @@ def plot_dpo(source, path: str | os.PathLike | None = None, title: str = "DPO"):
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set(xlabel="step", title=f"{title}: {name}")
+    probe_columns = [c for c in frame.columns if c.startswith("eval_probe/")]
+    if probe_columns:
+        twin = axes[0, 1].twinx()
+        for column in probe_columns:
+            points = _series(frame, column)
+            if points is not None:
+                twin.plot(points["step"], points[column], "s--", label=f"probe {column[len('eval_probe/'):]}")
+        twin.set(ylabel="probe accuracy", ylim=(-0.02, 1.02))
+        twin.legend(loc="lower left", fontsize="small")
     return _save(fig, path)
