@@ -26,8 +26,8 @@ SHARED_ARGS = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_
                "gradient_accumulation_steps", "learning_rate", "warmup_steps", "lr_scheduler_type", "weight_decay",
                "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit", "optim", "seed", "report_to")
 CONTROL_OPTIONS = ("metric", "greater_is_better", "early_stopping_patience", "early_stopping_min_delta", "keep_best",
-                   "metrics_csv", "tensorboard", "weight_decay_ramp", "scheduler", "scheduler_options", "probes", "retain",
-                   "retain_patience")
+                   "metrics_csv", "tensorboard", "weight_decay_ramp", "scheduler", "scheduler_options",
+                   "probes", "retain", "retain_patience")
 
 
 def precision_flags() -> dict:

@@ -1,4 +1,4 @@
-"""Intruder dimensions (Shuttleworth et al. 2024) on a 4-bit base, and their repair, on the tiny model through Unsloth."""
+"""Intruder dimensions (Shuttleworth et al. 2024) on a 4-bit base and their repair, on the tiny model through Unsloth."""
 import math
 import re
 
