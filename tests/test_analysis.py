@@ -10,7 +10,7 @@ import llmft
 from llmft import analysis, probes
 from llmft.generation import generate_batch
 
-from conftest import TOL
+from conftest import BF16, TOL
 
 matplotlib.use("Agg")
 PLANTED = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -166,4 +166,6 @@ def test_same_math_as_peft_on_an_unquantized_base(tiny_dir):
     assert peft_counts == counts.to_dict() and sum(peft_counts.values()) == 2
     for name, layer in modules.items():
         theirs = layer.get_delta_weight("intruder_reduced").detach().float()
-        assert ours[name] == pytest.approx(theirs, rel=1e-3, abs=1e-4), name
+        # PEFT casts its new factors to the base's dtype (bf16 under UNSLOTH_CPU_BF16=1); ours keep the adapter's
+        close = 1e-2 * float(theirs.abs().max()) if BF16 else 1e-4
+        assert ours[name] == pytest.approx(theirs, rel=1e-3, abs=close), name
