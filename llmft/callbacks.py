@@ -1,7 +1,7 @@
 """Training control that works for any trainer built on transformers' ``Trainer`` (TRL's SFTTrainer, DPOTrainer, ...).
 
-The callbacks rely only on what every trainer reports — ``on_log`` and ``on_evaluate(metrics=...)`` — and never run a
-forward pass of their own, so the same objects serve SFT and DPO (the lab's callback broke under DPO because its own
+The callbacks rely only on what every trainer reports — ``on_log`` and ``on_evaluate(metrics=...)`` — and never compute
+a loss of their own (only :class:`ProbeCallback` runs the model, to generate), so the same objects serve SFT and DPO (the lab's callback broke under DPO because its own
 evaluation fed SFT-shaped inputs to a DPO model).
 
 - :class:`MetricsLogger`: one CSV row per log/eval event, with GPU memory; safe against crashes and resumes.
@@ -9,9 +9,10 @@ evaluation fed SFT-shaped inputs to a DPO model).
 - :class:`EarlyStopping`: patience counted in evaluations, ``min_delta``, any metric and direction.
 - :class:`NonFiniteLossGuard`: stops on a NaN/inf loss and says where and why.
 - :class:`WeightDecayRamp`: weight decay rising from ``start`` to ``end`` over training (seed 000).
-- :class:`ProbeCallback`: forgetting probes scored at every evaluation, reported as ``eval_probe/<name>`` (the one
-  callback that runs the model: greedy generation, never a loss, so it serves SFT and DPO alike).
-- :class:`RetentionGuard`: stops training when a retained probe stays below its threshold.
+- :class:`ProbeCallback`: forgetting probes scored at every evaluation (greedy generation), reported as
+  ``eval_probe/<name>`` with the eval metrics.
+- :class:`RetentionGuard`: stops training when a retained probe stays below its threshold (with
+  ``BestCheckpoint(retain=...)``, the retention guard).
 
 Stateful callbacks implement transformers' ``ExportableState``: their state is saved in every checkpoint and restored
 on resume (``build_trainer`` sets ``restore_callback_states_from_checkpoint=True``).
