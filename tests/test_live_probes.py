@@ -169,3 +169,29 @@ def test_retention_state_survives_a_resume_and_a_missing_probe_is_named():
     assert callbacks.BestCheckpoint(**best.state()["args"]).retain == {"fibonacci": 0.9}
     with pytest.raises(KeyError, match=r"'eval_probe/fibonacci' is not among .*probes reported: none.*probes=\["):
         guard.on_evaluate(None, _State, _Control, metrics={"eval_loss": 1.0})
+
+
+def test_resumed_run_keeps_the_guard_state_and_the_probe_first(lora_model, chat_dataset, tmp_path):
+    model, tokenizer = lora_model
+
+    def run(resume):
+        scorer = _ScriptedScorer(good_until=4)
+        trainer = _sft(model, tokenizer, chat_dataset, tmp_path, max_steps=12, eval_steps=2, learning_rate=1e-2,
+                       probes=[_scripted_probe(scorer)], retain={"kept": 0.5}, retain_patience=3,
+                       early_stopping_patience=None, keep_best=1, save_total_limit=None, callbacks=[scorer])
+        llmft.train(trainer, resume=resume)
+        return trainer
+
+    first = run(False)  # below at 6, 8, 10: stops at 10
+    assert first.state.global_step == 10
+    # Resumed from step 6, where the probe had been below once: the restored count stops it at 10 again (a guard
+    # starting from zero would run on to the end, step 12).
+    second = run(str(tmp_path / "checkpoint-6"))
+    assert second.state.global_step == 10
+    guard = callbacks.find_callback(second, callbacks.RetentionGuard)
+    assert guard.stopped_at_step == 10 and guard.below_for == {"eval_probe/kept": 3}
+    assert isinstance(second.callback_handler.callbacks[0], callbacks.ProbeCallback)  # still before the logger
+    assert [(s, p) for s, _, p in _evals(tmp_path, "eval_loss", "eval_probe/kept")] == [
+        (2, 1.0), (4, 1.0), (6, 0.0), (8, 0.0), (10, 0.0)]  # the CSV: no lost or duplicated evaluation
+    record = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert [s["step"] for s in record["skipped"]] == [6, 8, 10] and record["best_step"] in (2, 4)
