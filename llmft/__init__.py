@@ -8,7 +8,8 @@ from llmft._unsloth import import_unsloth as _import_unsloth
 _import_unsloth()  # before anything below imports trl/transformers
 
 from llmft.callbacks import (  # noqa: E402
-    BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, WeightDecayRamp,
+    BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, ProbeCallback,
+    RetentionGuard, WeightDecayRamp,
 )
 from llmft.data import (  # noqa: E402
     DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
@@ -36,6 +37,7 @@ __all__ = [
     "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig", "DistillSFTTrainer",
     "SFTOptions", "DPOOptions", "TrainingControlConfig", "run_experiment",
     "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
+    "ProbeCallback", "RetentionGuard",
     "chebyshev_schedule", "chebyshev_step_schedule",
     "plot_training", "plot_dpo", "plot_schedule", "load_metrics",
     "generate_response", "generate_batch",

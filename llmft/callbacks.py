@@ -1,14 +1,18 @@
 """Training control that works for any trainer built on transformers' ``Trainer`` (TRL's SFTTrainer, DPOTrainer, ...).
 
-The callbacks rely only on what every trainer reports — ``on_log`` and ``on_evaluate(metrics=...)`` — and never run a
-forward pass of their own, so the same objects serve SFT and DPO (the NTUA lab report's callback broke under DPO because
-its own evaluation fed SFT-shaped inputs to a DPO model).
+The callbacks rely only on what every trainer reports — ``on_log`` and ``on_evaluate(metrics=...)`` — and never compute
+a loss of their own (only :class:`ProbeCallback` runs the model, to generate), so the same objects serve SFT and DPO
+(the NTUA lab report's callback broke under DPO because its own evaluation fed SFT-shaped inputs to a DPO model).
 
 - :class:`MetricsLogger`: one CSV row per log/eval event, with GPU memory; safe against crashes and resumes.
 - :class:`BestCheckpoint`: saves the adapters when the chosen metric improves, keeps the K best, atomically.
 - :class:`EarlyStopping`: patience counted in evaluations, ``min_delta``, any metric and direction.
 - :class:`NonFiniteLossGuard`: stops on a NaN/inf loss and says where and why.
 - :class:`WeightDecayRamp`: weight decay rising from ``start`` to ``end`` over training (CodeMMLU report).
+- :class:`ProbeCallback`: forgetting probes scored at every evaluation (greedy generation), reported as
+  ``eval_probe/<name>`` with the eval metrics.
+- :class:`RetentionGuard`: stops training when a retained probe stays below its threshold (with
+  ``BestCheckpoint(retain=...)``, the retention guard).
 
 Stateful callbacks implement transformers' ``ExportableState``: their state is saved in every checkpoint and restored
 on resume (``build_trainer`` sets ``restore_callback_states_from_checkpoint=True``).
@@ -16,11 +20,13 @@ on resume (``build_trainer`` sets ``restore_callback_states_from_checkpoint=True
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -42,6 +48,46 @@ def greater_is_better_for(metric: str) -> bool:
 
 def _metric_key(metric: str) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+PROBE_PREFIX = "eval_probe/"
+
+
+def probe_metric(name: str) -> str:
+    """The evaluation metric a probe is reported as: ``eval_probe/<name>`` (``name``, ``probe/<name>`` or the full
+    key are accepted)."""
+    if name.startswith(PROBE_PREFIX):
+        return name
+    return PROBE_PREFIX + (name[len("probe/"):] if name.startswith("probe/") else name)
+
+
+def _below_threshold(metrics: dict, retain: dict, who: str) -> dict[str, float]:
+    """The retained probes below their thresholds in ``metrics`` ({metric: value}); a retained probe missing from an
+    evaluation is an error naming the probes that were reported."""
+    below = {}
+    for name, threshold in retain.items():
+        key = probe_metric(name)
+        if key not in metrics:
+            known = sorted(k for k in metrics if k.startswith(PROBE_PREFIX))
+            raise KeyError(f"{who}: retained probe {key!r} is not among the evaluation metrics (probes reported: "
+                           f"{known or 'none'}); pass the probe itself in probes=[...] or remove it from retain")
+        if not float(metrics[key]) >= threshold:  # NaN counts as below
+            below[key] = float(metrics[key])
+    return below
+
+
+def _check_retain(retain: dict | None, who: str) -> dict[str, float]:
+    """``retain`` as ``{probe name: threshold}`` with thresholds checked (probe scores are accuracies in [0, 1])."""
+    if not retain:
+        return {}
+    if not isinstance(retain, dict):
+        raise TypeError(f"{who}(retain={retain!r}): pass a dict {{probe name: threshold}}, e.g. {{'fibonacci': 0.9}}")
+    checked = {}
+    for name, threshold in retain.items():
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{who}(retain={{{name!r}: {threshold!r}}}): a threshold is a probe accuracy in [0, 1]")
+        checked[probe_metric(str(name))[len(PROBE_PREFIX):]] = float(threshold)
+    return checked
 
 
 def _gpu_memory_gb() -> tuple[float, float]:
@@ -199,16 +245,22 @@ class BestCheckpoint(TrainerCallback, ExportableState):
     Each save goes to a temporary directory first and is renamed into place, so a crash never leaves a half-written
     checkpoint; ``<directory>/best.json`` records the best step, value and path (written atomically) and the kept
     list. ``greater_is_better=None`` infers the direction from the name (losses lower, accuracies/rewards higher).
+
+    ``retain={"fibonacci": 0.9}`` (a retention guard, with :class:`ProbeCallback`): only evaluations where every
+    retained probe (``eval_probe/<name>``) is at or above its threshold can be saved or chosen as the best; the steps
+    passed over are listed in ``best.json`` (``skipped``).
     """
 
     def __init__(self, directory: str, metric: str = "eval_loss", greater_is_better: bool | None = None,
                  keep: int = 1, best_value: float | None = None, best_step: int | None = None,
-                 kept: list | None = None):
+                 kept: list | None = None, retain: dict | None = None, skipped: list | None = None):
         if keep < 1:
             raise ValueError(f"BestCheckpoint(keep={keep}): keep at least 1 checkpoint")
         self.directory = os.path.abspath(directory)
         self.rule = _Improvement(metric, greater_is_better)
         self.keep = keep
+        self.retain = _check_retain(retain, "BestCheckpoint")
+        self.skipped = list(skipped or [])  # [{"step", "below": {metric: value}}]: evaluations the guard passed over
         self.best_value = best_value
         self.best_step = best_step
         self.kept = list(kept or [])  # [{"step", "value", "path"}], best first
@@ -219,8 +271,9 @@ class BestCheckpoint(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {"directory": self.directory, "metric": self.rule.metric,
-                         "greater_is_better": self.rule.greater_is_better, "keep": self.keep},
-                "attributes": {"best_value": self.best_value, "best_step": self.best_step, "kept": self.kept}}
+                         "greater_is_better": self.rule.greater_is_better, "keep": self.keep, "retain": self.retain},
+                "attributes": {"best_value": self.best_value, "best_step": self.best_step, "kept": self.kept,
+                               "skipped": self.skipped}}
 
     @property
     def best_path(self) -> str | None:
@@ -234,6 +287,7 @@ class BestCheckpoint(TrainerCallback, ExportableState):
             for child in root.glob("step-*"):
                 if child.name not in valid:
                     shutil.rmtree(child, ignore_errors=True)
+            self.skipped = [s for s in self.skipped if s["step"] <= state.global_step]
             self._write_record()
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
@@ -241,6 +295,12 @@ class BestCheckpoint(TrainerCallback, ExportableState):
         if value is None:
             if metrics and self.rule.metric not in metrics:
                 raise KeyError(self.rule.missing_message(metrics, "BestCheckpoint"))
+            return
+        below = _below_threshold(metrics, self.retain, "BestCheckpoint") if self.retain else {}
+        if below:
+            self.skipped = [s for s in self.skipped if s["step"] != state.global_step]
+            self.skipped.append({"step": state.global_step, "below": below})
+            self._write_record()
             return
         if not self.rule.better(value, self.best_value):
             return
@@ -277,7 +337,7 @@ class BestCheckpoint(TrainerCallback, ExportableState):
         _write_json_atomically(root / "best.json", {
             "metric": self.rule.metric, "greater_is_better": self.rule.greater_is_better,
             "best_step": self.best_step, "best_value": self.best_value, "best_path": self.best_path,
-            "kept": self.kept})
+            "kept": self.kept, "retain": self.retain, "skipped": self.skipped})
 
 
 class EarlyStopping(TrainerCallback, ExportableState):
@@ -315,6 +375,146 @@ class EarlyStopping(TrainerCallback, ExportableState):
             control.should_training_stop = True
             say(f"EarlyStopping: {self.rule.metric} has not improved on {self.best_value:.6g} for "
                 f"{self.bad_evaluations} evaluations; stopping at step {state.global_step}")
+
+
+class ProbeCallback(TrainerCallback):
+    """Score forgetting probes (:class:`llmft.probes.Probe`, e.g. :func:`llmft.probes.fibonacci_probe`) on the current
+    weights at every evaluation and report each as ``eval_probe/<name>`` (accuracy in [0, 1]) with the other eval
+    metrics, plus ``eval_probe_runtime`` (seconds spent probing).
+
+    It acts on the evaluation's ``on_log`` event, where transformers hands every callback the very dict that becomes
+    the evaluation metrics: added there, the scores reach the metrics CSV (:class:`MetricsLogger`), TensorBoard,
+    ``trainer.state.log_history``, and then ``on_evaluate`` (:class:`BestCheckpoint`, :class:`EarlyStopping`,
+    :class:`RetentionGuard`). So it must come before :class:`MetricsLogger` among the trainer's callbacks:
+    :func:`llmft.attach_training_control` puts it first. It keeps no state, so a resume does not move it.
+
+    Cost is bounded: the first ``max_items`` items of each probe (the headline item first), greedy, batched
+    ``batch_size`` at a time, at most ``max_new_tokens`` new tokens. Unsloth's inference mode is used for the
+    generation and the model is put back in training mode (gradient checkpointing included) afterwards.
+    The last scored answers are kept in ``last_tables`` ({probe name: DataFrame}) to see *how* a probe fails.
+    """
+
+    def __init__(self, probes, tokenizer=None, *, max_items: int | None = 32, max_new_tokens: int = 8,
+                 batch_size: int = 32):
+        from llmft.probes import Probe, named_probe
+
+        probes = [probes] if isinstance(probes, (Probe, str)) else list(probes)
+        if not probes:
+            raise TypeError("ProbeCallback(probes=[]): pass llmft.probes.Probe objects, e.g. "
+                            "[llmft.probes.fibonacci_probe()] or llmft.probes.custom_probe(name, pairs)")
+        probes = [named_probe(p) for p in probes]
+        names = [p.name for p in probes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ProbeCallback: probe names must be unique (each is a metric), got {duplicates} twice")
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"ProbeCallback(max_items={max_items}): score at least 1 item, or None for all")
+        self.probes = [self._bounded(p, max_items) for p in probes]
+        self.tokenizer = tokenizer
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.last_tables: dict = {}
+        self._training = False
+
+    @staticmethod
+    def _bounded(probe, max_items):
+        if max_items is None or len(probe.prompts) <= max_items:
+            return probe
+        return dataclasses.replace(probe, prompts=probe.prompts[:max_items], answers=probe.answers[:max_items],
+                                   labels=probe.labels[:max_items])
+
+    @property
+    def metrics(self) -> list[str]:
+        return [probe_metric(p.name) for p in self.probes]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._training = False
+
+    def score(self, model, tokenizer) -> dict[str, float]:
+        """``{eval_probe/<name>: accuracy}`` for the model as it is now."""
+        from llmft.generation import inference_mode
+        from llmft.probes import run_probe
+
+        scores = {}
+        try:
+            with inference_mode(model):
+                for probe in self.probes:
+                    table = run_probe(model, tokenizer, probe, max_new_tokens=self.max_new_tokens,
+                                      batch_size=self.batch_size, progress=False)
+                    self.last_tables[probe.name] = table
+                    scores[probe_metric(probe.name)] = float(table["correct"].mean())
+        finally:
+            if self._training:  # evaluation left the model in eval mode; the next step expects training mode
+                from unsloth import FastLanguageModel
+
+                FastLanguageModel.for_training(model)
+        return scores
+
+    def _add_scores(self, metrics: dict, state, model, processing_class) -> None:
+        tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
+        if model is None or tokenizer is None:
+            raise ValueError("ProbeCallback: the trainer passed no model or tokenizer to its callbacks; give the "
+                             "tokenizer explicitly: ProbeCallback(probes, tokenizer)")
+        start = time.perf_counter()
+        metrics.update(self.score(model, tokenizer))
+        metrics["eval_probe_runtime"] = round(time.perf_counter() - start, 4)
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step and "eval_runtime" in history[-1]:
+            history[-1].update({k: metrics[k] for k in (*self.metrics, "eval_probe_runtime")})
+
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
+        # An evaluation's logs carry eval_runtime; train logs and the end-of-training summary do not.
+        if logs is not None and "eval_runtime" in logs and not all(k in logs for k in self.metrics):
+            self._add_scores(logs, state, model, processing_class)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
+        # Normally on_log has filled these in (same dict); a trainer whose log() copies its logs would miss them.
+        if metrics is not None and not all(k in metrics for k in self.metrics):
+            self._add_scores(metrics, state, model, processing_class)
+
+
+class RetentionGuard(TrainerCallback, ExportableState):
+    """Stop training when a retained probe has been below its threshold for ``patience`` evaluations in a row
+    (``retain={"fibonacci": 0.9}``: keep ``eval_probe/fibonacci`` >= 0.9; see :class:`ProbeCallback`).
+
+    Early stopping on the eval loss does not prevent forgetting (Kalajdzievski 2024: forgetting grows as the
+    fine-tuning loss falls), so this stops on the forgetting itself. ``patience=1`` stops at the first evaluation
+    below; a larger value tolerates a noisy probe (few items) dipping once. Counts are per probe and reset when it is
+    back at or above its threshold.
+    """
+
+    def __init__(self, retain: dict, patience: int = 1, below_for: dict | None = None,
+                 stopped_at_step: int | None = None, stopped_by: dict | None = None):
+        if patience < 1:
+            raise ValueError(f"RetentionGuard(patience={patience}): patience counts evaluations, at least 1")
+        self.retain = _check_retain(retain, "RetentionGuard")
+        if not self.retain:
+            raise ValueError("RetentionGuard(retain={}): name at least one probe and its threshold")
+        self.patience = patience
+        self.below_for = dict(below_for or {})  # {probe metric: evaluations in a row below its threshold}
+        self.stopped_at_step = stopped_at_step
+        self.stopped_by = stopped_by  # {probe metric: value} at the stop
+
+    def state(self) -> dict:
+        return {"args": {"retain": self.retain, "patience": self.patience},
+                "attributes": {"below_for": self.below_for, "stopped_at_step": self.stopped_at_step,
+                               "stopped_by": self.stopped_by}}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics:
+            return
+        below = _below_threshold(metrics, self.retain, "RetentionGuard")
+        self.below_for = {key: self.below_for.get(key, 0) + 1 for key in below}
+        over = {key: below[key] for key, count in self.below_for.items() if count >= self.patience}
+        if over and state.global_step < state.max_steps:
+            self.stopped_at_step, self.stopped_by = state.global_step, over
+            control.should_training_stop = True
+            say("RetentionGuard: " + ", ".join(
+                f"{key} = {value:.3g} < {self.retain[key[len(PROBE_PREFIX):]]:g}" for key, value in over.items())
+                + f" for {self.patience} evaluation(s); stopping at step {state.global_step} "
+                "(the best checkpoint is chosen among evaluations that kept every retained probe)")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -99,6 +99,15 @@ class TrainingControlConfig:
     scheduler: Any = _help("LR schedule: 'chebyshev', 'chebyshev_full', 'chebyshev_steps', 'chebyshev_fractal' or a "
                            "callable (optimizer, num_training_steps) -> LambdaLR; None keeps lr_scheduler_type.")
     scheduler_options: dict | None = _help("Keyword options of `scheduler` (e.g. cos_coeffs, min_ratio).")
+    probes: Any = _help("Live probes scored at every evaluation and reported as eval_probe/<name>: a list of "
+                        "llmft.probes.Probe (e.g. [llmft.probes.fibonacci_probe()]) or an llmft.ProbeCallback (to "
+                        "change its bounds: 32 items, 8 new tokens); None: off.")
+    retain: dict | None = _help("Retention guard {probe name: threshold}, e.g. {'fibonacci': 0.9}: the best "
+                                "checkpoint is chosen only among evaluations that keep every retained probe at or "
+                                "above its threshold.")
+    retain_patience: int | None = _help("Stop training once a retained probe has stayed below its threshold for this "
+                                        "many evaluations in a row (2: one noisy dip does not stop a run); None: "
+                                        "never stop.", 2)
 
     def __post_init__(self):
         if self.weight_decay_ramp is not None:

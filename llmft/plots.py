@@ -45,9 +45,25 @@ def save_figure(fig, path: str | os.PathLike | None = None):
     return fig
 
 
+def _draw_probes(ax, frame) -> None:
+    """Live probes (``eval_probe/<name>`` columns) on a second y axis of ``ax``, if the run had any."""
+    columns = [c for c in frame.columns if c.startswith("eval_probe/")]
+    if not columns:
+        return
+    twin = ax.twinx()
+    for column in columns:
+        points = _series(frame, column)
+        if points is not None:
+            twin.plot(points["step"], points[column], "s--", label=f"probe {column[len('eval_probe/'):]}")
+    twin.set(ylabel="probe accuracy", ylim=(-0.02, 1.02))
+    twin.legend(loc="lower left", fontsize="small")
+
+
 def plot_training(source, path: str | os.PathLike | None = None, title: str = "Training"):
     """The NTUA lab report's four panels: train loss, validation loss, learning rate and GPU memory (reserved and
-    allocated, GB; flat at 0 on a CPU) against the step."""
+    allocated, GB; flat at 0 on a CPU) against the step. Live probes (``eval_probe/<name>``, see
+    :class:`llmft.callbacks.ProbeCallback`) are drawn on a second axis of the validation panel: the forgetting curve
+    beside the loss."""
     import matplotlib.pyplot as plt
 
     frame = load_metrics(source)
@@ -71,6 +87,7 @@ def plot_training(source, path: str | os.PathLike | None = None, title: str = "T
         elif len(lines) > 1:
             ax.legend()
         ax.set(xlabel="step", title=f"{title}: {name}")
+    _draw_probes(axes[0, 1], frame)
     return save_figure(fig, path)
 
 
@@ -122,4 +139,5 @@ def plot_dpo(source, path: str | os.PathLike | None = None, title: str = "DPO"):
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set(xlabel="step", title=f"{title}: {name}")
+    _draw_probes(axes[0, 1], frame)
     return save_figure(fig, path)

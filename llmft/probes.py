@@ -80,6 +80,20 @@ def fibonacci_probe(n_terms: int = 25, lengths: Sequence[int] = range(3, 9), max
                  [answer for _, answer in items], labels=[window for window, _ in items], scorer=next_term_match)
 
 
+BUILTIN_PROBES = {"fibonacci": fibonacci_probe}  # probes a recipe file can name
+
+
+def named_probe(probe) -> Probe:
+    """``probe`` itself, or the built-in probe it names (``"fibonacci"``: :func:`fibonacci_probe`), as recipe files
+    give them (``probes: [fibonacci]``)."""
+    if isinstance(probe, Probe):
+        return probe
+    if isinstance(probe, str) and probe in BUILTIN_PROBES:
+        return BUILTIN_PROBES[probe]()
+    raise TypeError(f"probe {probe!r}: pass an llmft.probes.Probe (e.g. llmft.probes.custom_probe(name, pairs)) or "
+                    f"the name of a built-in probe {sorted(BUILTIN_PROBES)}")
+
+
 def custom_probe(name: str, pairs=None, *, dataset=None, question: str = "question", answer: str = "answer",
                  template: str = "chat", scorer: Callable[[str, str], bool] = exact_match) -> Probe:
     """A probe from ``(question, answer)`` pairs or a dataset with ``question``/``answer`` columns. ``template``:

@@ -13,6 +13,7 @@ transformers documents for it) and keep the data reports; :class:`DistillSFTTrai
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -189,6 +190,13 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     evaluations without improvement (``None`` turns it off), a NaN/inf-loss guard, and optionally a weight-decay ramp
     ``weight_decay_ramp=(start, end)``. ``greater_is_better=None`` infers the direction from the metric's name.
 
+    Live probes: ``probes=[llmft.probes.fibonacci_probe()]`` scores each probe at every evaluation (greedy, bounded:
+    see :class:`llmft.callbacks.ProbeCallback`, which can be passed instead of the list to change the bounds) and
+    reports ``eval_probe/<name>`` with the eval metrics (CSV, plots, best checkpoint, early stopping see it).
+    ``retain={"fibonacci": 0.9}`` is a retention guard: the best checkpoint is chosen only among evaluations that
+    keep each named probe at or above its threshold, and training stops once a retained probe has stayed below for
+    ``retain_patience`` evaluations in a row (default 2; ``None``: never stop).
+
     ``scheduler``: a Chebyshev schedule by name ("chebyshev", "chebyshev_full", "chebyshev_steps",
     "chebyshev_fractal"; options in ``scheduler_options``) or a callable ``(optimizer, num_training_steps)`` returning
     a ``LambdaLR``; ``None`` keeps ``lr_scheduler_type``. Warmup (``warmup_steps``) applies to every schedule.
@@ -348,7 +356,8 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     :func:`train` to resume, the same training control and schedules) with DPO's own: ``beta=0.1``,
     ``learning_rate=5e-6`` (DPO wants far smaller steps than SFT), no weight decay, ``max_length`` = the model's
     ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g. ``"eval_rewards/accuracies"`` or
-    ``"eval_rewards/margins"`` (higher is better, inferred from the name).
+    ``"eval_rewards/margins"`` (higher is better, inferred from the name). Live probes and the retention guard
+    (``probes``, ``retain``, ``retain_patience``) work as in :func:`build_trainer`.
     """
     o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
     for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -379,8 +388,9 @@ _keyword_signature(build_dpo_trainer, DPOOptions, "dpo_config")
 
 def attach_training_control(trainer, config: TrainingControlConfig | None = None, **options):
     """Add llmft's training control to any transformers/TRL trainer (SFT, DPO, ...): metrics CSV, best checkpoint
-    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp
-    and an optional custom LR schedule. Options: a :class:`~llmft.configs.TrainingControlConfig` and/or its fields as
+    and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp,
+    an optional custom LR schedule, and live probes with a retention guard (``probes``, ``retain``,
+    ``retain_patience``). Options: a :class:`~llmft.configs.TrainingControlConfig` and/or its fields as
     keywords (``metric=``, ``early_stopping_patience=``, ...). Returns the trainer.
 
     A ``scheduler`` needs a trainer built on :class:`TrainerMixin` (what :func:`build_trainer` and
@@ -395,19 +405,47 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
                             "schedule hook; build it with llmft.build_trainer / build_dpo_trainer, or use a class "
                             "deriving from llmft.trainers.TrainerMixin")
         trainer.lr_schedule = resolve_schedule(c.scheduler, **(c.scheduler_options or {}))
+    prober = _probe_callback(trainer, c.probes, c.retain, evaluates)
+    if prober is not None:  # first of all: it adds eval_probe/* to the eval logs every later callback sees
+        trainer.callback_handler.callbacks.insert(0, prober)
     if c.weight_decay_ramp is not None:  # before the logger, so the logged row carries the weight decay in use
         trainer.add_callback(cb.WeightDecayRamp(*c.weight_decay_ramp))
     if c.metrics_csv:
         trainer.add_callback(cb.MetricsLogger(out / "metrics.csv", tensorboard=c.tensorboard))
     if evaluates and c.keep_best:
-        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), c.metric, c.greater_is_better, keep=c.keep_best))
+        trainer.add_callback(cb.BestCheckpoint(str(out / "best"), c.metric, c.greater_is_better, keep=c.keep_best,
+                                               retain=c.retain))
     if evaluates and c.early_stopping_patience:
         trainer.add_callback(cb.EarlyStopping(c.early_stopping_patience, c.metric, c.greater_is_better,
                                               c.early_stopping_min_delta))
+    if c.retain and c.retain_patience:
+        trainer.add_callback(cb.RetentionGuard(c.retain, c.retain_patience))
     trainer.add_callback(cb.NonFiniteLossGuard())
     trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
     trainer.args.restore_callback_states_from_checkpoint = True
     return trainer
+
+
+def _probe_callback(trainer, probes, retain, evaluates):
+    """The :class:`llmft.callbacks.ProbeCallback` for ``probes`` (or ``probes`` itself when it is one), with
+    ``retain`` checked against the probe names."""
+    if not probes:
+        if retain:
+            raise ValueError(f"retain={retain!r} guards probes, but no probes were given: pass "
+                             "probes=[llmft.probes.fibonacci_probe()] (or your own) as well")
+        return None
+    if not evaluates:
+        raise ValueError("probes are scored at every evaluation, and this trainer never evaluates: give an "
+                         "eval_dataset (evaluated every eval_steps), or score probes after training with "
+                         "llmft.probes.run_probe / probe_checkpoints")
+    prober = probes if isinstance(probes, cb.ProbeCallback) else cb.ProbeCallback(probes, trainer.processing_class)
+    names = [p.name for p in prober.probes]
+    for name in cb._check_retain(retain, "retain"):
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=1)
+            raise ValueError(f"retain: no probe named {name!r} among probes {names}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return prober
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, float, str]]:

@@ -30,6 +30,17 @@ def test_four_panels_from_the_metrics_csv(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+def test_live_probe_drawn_beside_the_validation_loss():
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.7, "eval_probe/fibonacci": 1.0},
+            {"step": 4, "eval_loss": 2.5, "eval_probe/fibonacci": 0.5, "eval_probe_runtime": 1.5}]
+    fig = plots.plot_training(rows)
+    twin = fig.axes[4]  # the validation panel's second axis
+    assert twin.bbox.bounds == fig.axes[1].bbox.bounds
+    line = twin.get_lines()[0]
+    assert line.get_label() == "probe fibonacci" and list(line.get_ydata()) == [1.0, 0.5]
+    assert len(twin.get_lines()) == 1  # eval_probe_runtime is not a probe
+
+
 def test_missing_metrics_are_said_not_hidden(tmp_path):
     fig = plots.plot_training([{"step": 1, "loss": 2.0}])
     assert "no validation loss logged" in [t.get_text() for t in fig.axes[1].texts]

@@ -18,6 +18,7 @@ def test_sft_recipe_runs_end_to_end_in_smoke_mode(tmp_path):
     assert summary["global_step"] == 20
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and any(",eval," in row for row in rows)
+    assert "eval_probe/fibonacci" in rows[0].split(",")  # the recipe's live probe, named in YAML
     best = json.loads((out / "best" / "best.json").read_text())
     assert (Path(best["best_path"]) / "adapter_model.safetensors").exists()
     saved = json.loads((out / "llmft_config.json").read_text())
