@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_callback import ExportableState
 
 from llmft.log import say
@@ -622,3 +623,20 @@ def find_callback(trainer, kind: type):
         if isinstance(callback, kind):
             return callback
     return None
+
+
+class QuietProgress(ProgressCallback):
+    """transformers' progress bar without the dict it prints at every log (the metrics CSV keeps them)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def quiet_console(trainer, progress: bool = True):
+    """One progress bar (``progress=True``) or nothing on the console while ``trainer`` trains, instead of a printed
+    dict per logging step (transformers' ``PrinterCallback`` / ``ProgressCallback``). Returns the trainer."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(QuietProgress())
+    return trainer

@@ -1,14 +1,19 @@
-"""The offline demo (``python -m llmft demo``): the CodeMMLU report's forgetting finding reproduced on a laptop CPU.
+"""The offline demo (``python -m llmft demo``): the CodeMMLU report's learning-vs-forgetting finding, measured on a
+laptop CPU with its spread across seeds.
 
-1. Build (once, cached) a tiny "pretrained" Llama that knows the Fibonacci sequence: full training on an Alpaca mix of
-   Fibonacci windows, programming Q&A and arithmetic sequences.
-2. Fine-tune it with LoRA through ``build_trainer`` on multiple-choice questions for 0.2 epoch and 1 epoch, 1 epoch
-   with knowledge distillation from the base, and 1 epoch with the Chebyshev schedule (separate runs).
-3. Probe every run with the Fibonacci probe (the CodeMMLU report's headline prompt and 116 other windows), score the MCQ
-   validation set against the majority-letter baseline, and write plots, a JSON and a Markdown summary.
+The CodeMMLU report fine-tuned on multiple-choice questions and found that 0.2 epoch beat 1 epoch on the task (0.64 vs
+0.55) while the longer run forgot what the model knew (a Fibonacci prompt it had answered). Here:
 
-Such a tiny model learns the answer-letter *format*, not programming knowledge: MCQ accuracy is reported next to the
-majority baseline and is not a result about CodeMMLU. What it does show is forgetting, measured.
+1. The base is a tiny Llama (``llmft.testing.pretrained_base``, shipped with the package) fully trained on Fibonacci
+   windows, arithmetic sequences and programming Q&A: it answers the Fibonacci probe.
+2. The task is multiple-choice questions it can learn from what it knows: "What is the next term of 3, 7, 11, 15?"
+   with four ranges as choices (``llmft.testing.sequence_mcq_rows``; held-out questions never repeat a training one).
+3. LoRA runs through ``build_trainer`` for 0.2 epoch, 1 epoch, 1 epoch with knowledge distillation from the base and 1
+   epoch with the Chebyshev schedule, each over several seeds; the 1-epoch runs score the Fibonacci probe live at every
+   evaluation (the forgetting curve) and their adapters get an intruder-dimension repair sweep (Shuttleworth et al.
+   2024).
+4. Every run is scored on the probe (117 windows) and the held-out questions (against the majority baseline); the
+   summary gives mean and standard deviation over seeds, the learning-vs-forgetting frontier and the forgetting curve.
 """
 from __future__ import annotations
 
@@ -18,141 +23,183 @@ import time
 from pathlib import Path
 
 from llmft import testing
-from llmft.testing import pretrained_base  # noqa: F401  (the demo's base; built and cached by llmft.testing)
 from llmft._unsloth import pinned_cpu_precision
-from llmft.experiments import mcq_accuracy, run_experiment
-from llmft.log import say
+from llmft.experiments import mcq_accuracy, run_experiment, summarize
+from llmft.log import quiet_libraries, say
 
-CURVE_RUN = "1 epoch"  # the run whose checkpoints are probed for the forgetting curve
-# LoRA runs use a 16-bit base: on a CPU, Unsloth's 4-bit path is several times slower per step for this tiny model,
-# and the demo must fit in minutes (the 4-bit path is what the test suite exercises).
-LOAD_IN_4BIT = False
+BASE_RUN = "base (no fine-tuning)"
+CURVE_RUN = "1 epoch"  # scored live (the forgetting curve) and repaired (intruder dimensions)
+REPAIR_RUN = "1 epoch + intruder repair"
 RUNS = (
     ("0.2 epoch", dict(num_train_epochs=0.2)),
     ("1 epoch", dict(num_train_epochs=1.0)),
     ("1 epoch + KD", dict(num_train_epochs=1.0, distill={"weight": 0.3})),
     ("1 epoch + Chebyshev", dict(num_train_epochs=1.0, scheduler="chebyshev")),
 )
+SEEDS = (3407, 1, 2)
+REPAIR_LAMBDAS = (1.0, 0.5, 0.0)
+# 16-bit LoRA and no gradient checkpointing: on a CPU, Unsloth's 4-bit path is several times slower per step for this
+# tiny model, and recomputing activations buys nothing at 0.8M parameters (the 4-bit path is what the suite tests).
+LOAD_OPTIONS = dict(max_seq_length=256, lora_r=16, load_in_4bit=False, use_gradient_checkpointing=False)
+THREADS = 1  # as fast as 2 for a model this small (measured), and the same sums on every machine
 
 
-def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int = 600, mcq_rows: int = 1000,
-                        seed: int = 3407, learning_rate: float = 2e-3, batch_size: int = 8,
-                        runs=RUNS, probe_items: int | None = None, verbose: bool = True) -> dict:
+def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int = 600, mcq_rows: int = 472,
+                        seeds=SEEDS, learning_rate: float = 2e-3, batch_size: int = 4, runs=RUNS,
+                        probe_items: int | None = None, verbose: bool = True) -> dict:
     """The main job: see the module docstring. Returns the results written to ``output_dir/results.json``.
-    ``probe_items`` limits the Fibonacci probe to its first items (all 117 by default)."""
-    # Same numbers on bf16 and fp32 CPUs: fp32 is not slower for models this small (GUIDE §7), 2 threads as CI has.
-    with pinned_cpu_precision(bf16=False, threads=2) as pinned:
-        return _forgetting_demo(output_dir, pretrain_steps=pretrain_steps, mcq_rows=mcq_rows, seed=seed,
+    ``mcq_rows`` training questions (1 epoch = ``mcq_rows / batch_size`` steps); ``probe_items`` limits the
+    Fibonacci probe to its first items (all 117 by default); ``pretrain_steps`` other than 600 builds another base."""
+    # Same numbers on bf16 and fp32 CPUs: fp32 is not slower for models this small (GUIDE §7).
+    with pinned_cpu_precision(bf16=False, threads=THREADS) as pinned, quiet_libraries():
+        return _forgetting_demo(output_dir, pretrain_steps=pretrain_steps, mcq_rows=mcq_rows, seeds=list(seeds),
                                 learning_rate=learning_rate, batch_size=batch_size, runs=runs,
                                 probe_items=probe_items, verbose=verbose, pinned=pinned)
 
 
-def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seed, learning_rate, batch_size, runs, probe_items,
+def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_rate, batch_size, runs, probe_items,
                      verbose, pinned) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     import llmft
-    import pandas as pd
-    from llmft import mcq, plots, probes, templates
+    from llmft import analysis, callbacks, mcq, plots, probes, templates
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base_dir = pretrained_base(pretrain_steps, verbose=verbose)
+    base_dir = testing.pretrained_base(pretrain_steps, verbose=verbose)
     probe = probes.fibonacci_probe(max_items=probe_items)
 
-    say("[1/4] loading the pretrained base and the MCQ data")
-    load_options = dict(max_seq_length=384, lora_r=16, seed=seed, load_in_4bit=LOAD_IN_4BIT)
-    model, tokenizer = llmft.load_model(str(base_dir), **load_options)
-    rows = llmft.mcq_rows(testing.tiny_codemmlu(mcq_rows, seed=seed), eos_token=tokenizer.eos_token, verbose=False)
-    val = llmft.mcq_rows(testing.tiny_codemmlu(100, seed=seed + 1), eos_token=tokenizer.eos_token, verbose=False)
+    say("[1/4] loading the tiny pretrained base and the sequence questions", verbose)
+    model, tokenizer = llmft.load_model(str(base_dir), **LOAD_OPTIONS, seed=seeds[0])
+    rows = llmft.mcq_rows(testing.tiny_sequence_mcq("train", mcq_rows), eos_token=tokenizer.eos_token, verbose=False)
+    val = llmft.mcq_rows(testing.tiny_sequence_mcq("val"), eos_token=tokenizer.eos_token, verbose=False)
     baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
+    task = mcq_accuracy(val)
     steps_per_epoch = -(-len(rows) // batch_size)
-    # Only CURVE_RUN evaluates and keeps checkpoints (for the forgetting curve): the others just train.
-    variants = {name: {**options, **({"save_strategy": "steps"} if name == CURVE_RUN else
-                                     {"save_strategy": "no", "eval_strategy": "no"})} for name, options in runs}
-    curve_run = {}
+    live = callbacks.ProbeCallback([probe], tokenizer, max_items=32)  # the live forgetting curve (32 windows)
+    # Only CURVE_RUN evaluates (a few held-out questions, for the live probe); nothing saves checkpoints.
+    variants = {name: {**options, **({"eval_strategy": "steps", "probes": live} if name == CURVE_RUN
+                                     else {"eval_strategy": "no"})} for name, options in runs}
+    repairs = []
 
-    def keep_curve(name, model, tokenizer, trainer):
-        if name == CURVE_RUN:  # probed now, while this run's model is loaded
-            curve_run["curve"] = probes.probe_checkpoints(model, tokenizer, probe, trainer.args.output_dir)
-            curve_run["run_dir"] = trainer.args.output_dir
+    def repair(name, model, tokenizer, trainer):
+        if name != CURVE_RUN:
+            return None
+        result = analysis.repair_sweep(model, tokenizer, probe, task, lambdas=REPAIR_LAMBDAS)
+        chosen = result.table[result.table["chosen"]].iloc[0]
+        repairs.append(result.table.assign(seed=trainer.args.seed))
+        return {"repair_lambda": float(chosen["mitigation_lambda"]), "repair_probe": float(chosen["probe"]),
+                "repair_task": float(chosen["task"])}
 
-    say(f"[2/4] base + {len(variants)} LoRA runs on MCQ: {', '.join(variants)}")
+    n_runs = len(variants) * len(seeds)
+    say(f"[2/4] {n_runs} LoRA runs ({', '.join(variants)}; seeds {', '.join(map(str, seeds))}), each probed and "
+        f"scored; the 1-epoch adapters repaired at λ = {', '.join(map(str, REPAIR_LAMBDAS))}", verbose)
     experiment = run_experiment(
-        str(base_dir), variants, rows.select_columns(["text"]), val.select_columns(["text"]),
-        output_dir=str(out / "runs"), load_options=load_options, loaded=(model, tokenizer),
+        str(base_dir), variants, rows.select_columns(["text"]), val.select_columns(["text"]).select(range(16)),
+        output_dir=str(out / "runs"), load_options={**LOAD_OPTIONS, "seed": seeds[0]}, loaded=(model, tokenizer),
         trainer_options=dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
                              learning_rate=learning_rate, warmup_steps=5,
                              instruction_part=templates.MCQ_INSTRUCTION_PART,
-                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None,
-                             save_total_limit=None, eval_steps=max(1, steps_per_epoch // 5), seed=seed,
-                             disable_tqdm=not verbose),
-        probes={"probe": probe}, scorers={"mcq_accuracy": mcq_accuracy(val)}, base_name="base (no fine-tuning)",
-        on_run=keep_curve, resume=False, save_adapters=False, progress=verbose, verbose=verbose)
-    table = experiment.table.rename(columns={"probe_headline": "headline_answer"})
+                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None, keep_best=0,
+                             save_strategy="no", eval_steps=max(1, steps_per_epoch // 6), disable_tqdm=not verbose),
+        probes={"probe": probe}, scorers={"mcq_accuracy": task}, base_name=BASE_RUN, seeds=seeds,
+        on_run=repair, resume=False, save_adapters=False, progress=verbose, verbose=False)
+    del model, tokenizer
+
+    say("[3/4] mean and spread over seeds, frontier and forgetting curve", verbose)
+    table = experiment.table
+    repaired = table[table["run"] == CURVE_RUN].assign(run=REPAIR_RUN, probe_accuracy=lambda t: t["repair_probe"],
+                                                        mcq_accuracy=lambda t: t["repair_task"])
+    import pandas as pd
+
+    table = pd.concat([table, repaired], ignore_index=True)
+    summary = summarize(table, ["probe_accuracy", "mcq_accuracy", "steps", "train_seconds"])
+    figures = {"frontier": str(out / "frontier.png"), "forgetting_curve": str(out / "forgetting_curve.png")}
+    plots.plot_frontier(summary, "mcq_accuracy", "probe_accuracy", figures["frontier"], baseline=baseline,
+                        x_label="held-out MCQ accuracy (task learned)",
+                        y_label=f"Fibonacci probe accuracy ({len(probe.prompts)} items, skill kept)",
+                        title="Learning vs forgetting (mean ± 1 sd over seeds)")
+    curve_dirs = table.loc[(table["run"] == CURVE_RUN), "output_dir"].tolist()
+    plots.plot_probe_curves({CURVE_RUN: curve_dirs}, probe.name, figures["forgetting_curve"],
+                            title="Live Fibonacci probe (32 windows) during 1 epoch: mean, min-max over seeds")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+    say("[4/4] summary", verbose)
+    checks = _checks(summary, baseline)
     results = {"precision": pinned, "probe_items": len(probe.prompts), "mcq_train_rows": len(rows),
-               "mcq_val_rows": len(val),
+               "mcq_val_rows": len(val), "seeds": seeds, "batch_size": batch_size, "learning_rate": learning_rate,
                "majority_baseline": {"letter": baseline_letter, "accuracy": baseline},
-               "runs": json.loads(table[["run", "steps", "probe_accuracy", "headline_answer", "mcq_accuracy",
-                                         "train_seconds"]].to_json(orient="records"))}
-    tables = [experiment.answers]
-
-    say("[3/4] forgetting curve across the 1-epoch run's checkpoints")
-    figures = {}
-    if curve_run:
-        run_dir, curve = curve_run["run_dir"], curve_run["curve"]
-        by_step = probes.accuracy_by(curve, "step")
-        results["forgetting_curve"] = [
-            {"step": int(step), "probe_accuracy": float(row.probe_accuracy), "headline_answer": row.headline_answer}
-            for step, row in by_step.iterrows()]
-        probes.plot_forgetting(curve, run_dir, path=out / "forgetting_curve.png",
-                               title="Fibonacci probe during 1 epoch of MCQ fine-tuning")
-        plots.plot_training(run_dir, out / "training_curves.png", title="1 epoch")
-        figures = {"forgetting_curve": str(out / "forgetting_curve.png"),
-                   "training_curves": str(out / "training_curves.png")}
-
-    say("[4/4] summary")
-    summary = pd.DataFrame(results["runs"])
-    _plot_runs(summary, baseline, out / "forgetting_by_run.png")
-    figures["forgetting_by_run"] = str(out / "forgetting_by_run.png")
-    pd.concat(tables).to_csv(out / "probe_answers.csv", index=False)
-    results.update(seconds=round(time.time() - started, 1), figures=figures,
-                   probe_answers=str(out / "probe_answers.csv"))
+               "summary": json.loads(summary.to_json(orient="records")),
+               "runs": json.loads(table[["run", "seed", "steps", "probe_accuracy", "probe_headline", "mcq_accuracy",
+                                         "train_seconds"]].to_json(orient="records")),
+               "repair_sweeps": json.loads(pd.concat(repairs).to_json(orient="records")) if repairs else [],
+               "checks": checks, "figures": figures}
+    experiment.answers.to_csv(out / "probe_answers.csv", index=False)
+    results.update(seconds=round(time.time() - started, 1), probe_answers=str(out / "probe_answers.csv"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table_md = _summary_markdown(summary, baseline_letter, baseline, len(probe.prompts), pinned)
-    (out / "summary.md").write_text(table_md)
-    say(table_md)
-    say(f"done in {results['seconds']} s; results in {out}")
+    text = _summary_markdown(summary, results)
+    (out / "summary.md").write_text(text)
+    say(text, verbose)
+    say(f"done in {results['seconds']} s; results in {out}", verbose)
     return results
 
 
-def _plot_runs(summary, baseline: float, path):
-    import matplotlib.pyplot as plt
-
-    from llmft.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    x = range(len(summary))
-    ax.bar([i - 0.2 for i in x], summary["probe_accuracy"], width=0.4, label="Fibonacci probe accuracy")
-    ax.bar([i + 0.2 for i in x], summary["mcq_accuracy"], width=0.4, label="MCQ accuracy")
-    ax.axhline(baseline, color="gray", linestyle="--", label="MCQ majority baseline")
-    ax.set_xticks(list(x), summary["run"], rotation=15)
-    ax.set(ylim=(0, 1.05), title="What fine-tuning on MCQ costs: probe vs task")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+def _row(summary, run: str) -> dict:
+    return summary[summary["run"] == run].iloc[0].to_dict()
 
 
-def _summary_markdown(summary, letter: str, baseline: float, n_items: int, pinned: dict) -> str:
-    precision = (f"Computed in {pinned['compute_dtype']} with {pinned['threads']} CPU threads, pinned so that bf16 and "
-                 "fp32 CPUs give the same numbers (CPUs with other instruction sets may still differ slightly).\n\n"
-                 if pinned.get("device") == "cpu" else "Computed on a GPU.\n\n")
-    lines = [precision + f"| run | steps | Fibonacci probe ({n_items} items) | headline answer (expected 13) | "
-             f"MCQ accuracy (majority '{letter}': {baseline:.2f}) | train time (s) |", "|---|---|---|---|---|---|"]
+def _checks(summary, baseline: float) -> dict:
+    """The two claims the demo tests, each against the spread across seeds (1 sd)."""
+    base, short, full = _row(summary, BASE_RUN), _row(summary, "0.2 epoch"), _row(summary, CURVE_RUN)
+    return {
+        "short_run_learned": {
+            "what": "0.2-epoch MCQ accuracy above the majority baseline by more than its sd across seeds",
+            "margin": round(short["mcq_accuracy_mean"] - baseline, 4), "sd": round(short["mcq_accuracy_sd"], 4),
+            "holds": bool(short["mcq_accuracy_mean"] - baseline > short["mcq_accuracy_sd"])},
+        "full_run_learned": {
+            "what": "1-epoch MCQ accuracy above the majority baseline by more than its sd across seeds",
+            "margin": round(full["mcq_accuracy_mean"] - baseline, 4), "sd": round(full["mcq_accuracy_sd"], 4),
+            "holds": bool(full["mcq_accuracy_mean"] - baseline > full["mcq_accuracy_sd"])},
+        "full_run_forgot": {
+            "what": "1-epoch Fibonacci probe below the base's by more than its sd across seeds",
+            "margin": round(base["probe_accuracy_mean"] - full["probe_accuracy_mean"], 4),
+            "sd": round(full["probe_accuracy_sd"], 4),
+            "holds": bool(base["probe_accuracy_mean"] - full["probe_accuracy_mean"] > full["probe_accuracy_sd"])},
+    }
+
+
+def _summary_markdown(summary, results: dict) -> str:
+    pinned, baseline = results["precision"], results["majority_baseline"]
+    n_seeds, checks = len(results["seeds"]), results["checks"]
+    lines = ["# Learning vs forgetting on a tiny model (python -m llmft demo)", "",
+             "**The CodeMMLU report's claim**: fine-tuning on multiple-choice questions for 0.2 epoch beat 1 epoch on "
+             "the task (0.64 vs 0.55) while the longer run forgot what the model knew (the Fibonacci prompt).", "",
+             f"**Measured** (mean ± sd over {n_seeds} seeds; {results['mcq_train_rows']} training questions, batch "
+             f"{results['batch_size']}, lr {results['learning_rate']}; {results['mcq_val_rows']} held-out questions, "
+             f"majority answer '{baseline['letter']}' = {baseline['accuracy']:.2f}; Fibonacci probe "
+             f"{results['probe_items']} windows):", "",
+             "| run | steps | Fibonacci probe | MCQ accuracy | train time (s) |", "|---|---|---|---|---|"]
     for r in summary.to_dict("records"):
-        lines.append(f"| {r['run']} | {r['steps']} | {r['probe_accuracy']:.2f} | {r['headline_answer']!r} | "
-                     f"{r['mcq_accuracy']:.2f} | {r['train_seconds']} |")
+        lines.append(f"| {r['run']} | {r['steps_mean']:.0f} | {r['probe_accuracy_mean']:.2f} ± "
+                     f"{r['probe_accuracy_sd']:.2f} | {r['mcq_accuracy_mean']:.2f} ± {r['mcq_accuracy_sd']:.2f} | "
+                     f"{r['train_seconds_mean']:.1f} |")
+    lines += ["", "**What held** (each margin against the spread across seeds):", ""]
+    for check in checks.values():
+        verdict = "yes" if check["holds"] else "**no**"
+        lines.append(f"- {check['what']}: {verdict} (margin {check['margin']:+.2f}, sd {check['sd']:.2f})")
+    lines += ["", "**Caveats**: a 0.8M-parameter model and a synthetic task, not CodeMMLU; the repair row is the "
+              "λ the sweep chose per seed (largest probe gain within 0.02 of the task score; "
+              f"λ ∈ {list(REPAIR_LAMBDAS)}). "
+              + ("The 0.2-epoch run did not learn the task here: the report's first claim is not reproduced at this "
+                 "scale (the tiny model needs about 100 steps to learn the mapping). "
+                 if not checks["short_run_learned"]["holds"] else "")
+              + (f"Computed in {pinned['compute_dtype']} with {pinned['threads']} CPU thread(s), pinned so that bf16 "
+                 "and fp32 CPUs give the same numbers (CPUs with other instruction sets may still differ slightly)."
+                 if pinned.get("device") == "cpu" else "Computed on a GPU.")]
     return "\n".join(lines) + "\n"
 
 

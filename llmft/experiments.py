@@ -14,9 +14,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from llmft.log import say
+from llmft.models import DEFAULT_SEED
 
 
 @dataclass
@@ -47,6 +48,18 @@ def mcq_accuracy(rows, *, batch_size: int = 8, progress: bool = False) -> Callab
     return score
 
 
+def summarize(table, columns: Sequence[str], by: str = "run"):
+    """Mean, standard deviation (across seeds; 0 for a single run) and count of ``columns`` per ``by`` value, in the
+    order the runs first appear: ``<column>_mean``, ``<column>_sd``, ``n``."""
+    import pandas as pd
+
+    groups = table.groupby(by, sort=False)[list(columns)]
+    summary = pd.concat({"mean": groups.mean(), "sd": groups.std(ddof=1).fillna(0.0)}, axis=1)
+    summary.columns = [f"{column}_{stat}" for stat, column in summary.columns]
+    summary["n"] = groups.size()
+    return summary.reset_index()
+
+
 def _evaluate(name: str, model, tokenizer, probes: dict, scorers: dict, progress: bool):
     from llmft.probes import run_probe
 
@@ -75,8 +88,8 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
                    probes: dict | None = None, scorers: dict[str, Callable] | None = None,
                    include_base: bool = True, base_name: str = "base", on_run: Callable | None = None,
                    loaded: tuple | None = None,
-                   resume: bool | str | None = "auto", save_adapters: bool = True, progress: bool = True,
-                   verbose: bool = True) -> Experiment:
+                   seeds: Sequence[int] | None = None, resume: bool | str | None = "auto",
+                   save_adapters: bool = True, progress: bool = True, verbose: bool = True) -> Experiment:
     """Train every variant from the same ``base`` and compare them.
 
     - ``base``: what :func:`llmft.load_model` loads (hub id or directory), with ``load_options`` (LoRA on: each run
@@ -90,7 +103,12 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
       dict it returns is added to the run's row (e.g. a submission path, a forgetting curve);
     - ``include_base``: a first row for the base with its adapter disabled (steps 0), named ``base_name``;
     - ``loaded``: ``(model, tokenizer)`` already loaded from ``base`` with ``load_options`` (e.g. to prepare the data
-      with its tokenizer): used for the base and the first run instead of loading again.
+      with its tokenizer): used for the base and the first run instead of loading again;
+    - ``seeds``: run every variant once per seed (the LoRA initialisation and the data order change; a ``seed``
+      column tells them apart, run ``name`` trains in ``output_dir/<run_slug(name)>/seed-<seed>``); :func:`summarize`
+      gives the mean and spread per run. ``None``: one run each, with ``trainer_options``' seed;
+    - ``progress``: a progress bar per training run (no dict printed per log: ``metrics.csv`` has them) and per
+      probe; ``verbose``: one line per run.
 
     Returns an :class:`Experiment`: ``table`` (run, steps, train_seconds, probe and scorer columns, output_dir,
     adapters, metrics), every probe answer in ``answers``, ``runs`` (paths by run name) and the last run's
@@ -100,25 +118,30 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
 
     import llmft
 
+    from llmft.callbacks import quiet_console
+
     probes, scorers = dict(probes or {}), dict(scorers or {})
     load_options, trainer_options = dict(load_options or {}), dict(trainer_options or {})
     out = Path(output_dir)
     rows, answers, runs = [], [], {}
     model, tokenizer = loaded if loaded is not None else llmft.load_model(base, **load_options)
+    default_seed = trainer_options.get("seed", load_options.get("seed", DEFAULT_SEED))
     if include_base:
         say(f"experiment: evaluating the base ({base_name})", verbose)
         with model.disable_adapter():
             row, probe_answers = _evaluate(base_name, model, tokenizer, probes, scorers, progress)
-        rows.append({"run": base_name, "steps": 0, "train_seconds": 0.0, **row})
+        rows.append({"run": base_name, "seed": None, "steps": 0, "train_seconds": 0.0, **row})
         answers += probe_answers
-    for index, (name, options) in enumerate(variants.items()):
-        say(f"experiment: run {index + 1}/{len(variants)}: {name}", verbose)
-        if index:
+    plan = [(name, options, seed) for seed in (seeds or [default_seed]) for name, options in variants.items()]
+    for index, (name, options, seed) in enumerate(plan):
+        say(f"experiment: run {index + 1}/{len(plan)}: {name}" + (f" (seed {seed})" if seeds else ""), verbose)
+        if index or (seeds and seed != load_options.get("seed", seed)):
             _free(model)
-            model, tokenizer = llmft.load_model(base, **load_options)
-        run_dir = out / run_slug(name)
+            model, tokenizer = llmft.load_model(base, **{**load_options, **({"seed": seed} if seeds else {})})
+        run_dir = out / run_slug(name) / (f"seed-{seed}" if seeds else "")
         trainer = llmft.build_trainer(model, tokenizer, train_dataset, eval_dataset, verbose=False,
-                                      **{**trainer_options, "output_dir": str(run_dir), **options})
+                                      **{**trainer_options, "output_dir": str(run_dir), "seed": seed, **options})
+        quiet_console(trainer, progress)
         started = time.time()
         stats = llmft.train(trainer, resume=resume)
         seconds = round(time.time() - started, 1)
@@ -127,10 +150,10 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
         if save_adapters:
             paths["adapters"] = str(llmft.save_adapters(model, tokenizer, run_dir / "adapters"))
         extra = on_run(name, model, tokenizer, trainer) if on_run is not None else None
-        rows.append({"run": name, "steps": stats.global_step, "train_seconds": seconds, **row, **(extra or {}),
-                     **paths})
-        answers += probe_answers
-        runs[name] = {**paths, "steps": stats.global_step}
+        rows.append({"run": name, "seed": seed, "steps": stats.global_step, "train_seconds": seconds, **row,
+                     **(extra or {}), **paths})
+        answers += [a.assign(seed=seed) for a in probe_answers]
+        runs[name if not seeds else f"{name} (seed {seed})"] = {**paths, "steps": stats.global_step, "seed": seed}
         del trainer
     table = pd.DataFrame(rows)
     return Experiment(table=table, answers=pd.concat(answers, ignore_index=True) if answers else pd.DataFrame(),

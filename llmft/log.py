@@ -10,6 +10,7 @@ message to the current ``sys.stdout`` at level INFO. ``verbose=False`` in a func
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -40,3 +41,24 @@ if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
 def say(message, verbose: bool = True) -> None:
     """Log ``message`` at INFO when ``verbose``, else at DEBUG."""
     logger.log(logging.INFO if verbose else logging.DEBUG, "%s", message)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Within the block, no per-dataset progress bars from ``datasets`` ("Truncating train dataset ...") and none
+    from transformers' weight loading: for jobs that run many short steps and print one line per stage. llmft's own
+    messages and training progress bars are unaffected; both switches are restored afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_on = datasets.is_progress_bar_enabled()
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            hf_logging.enable_progress_bar()

@@ -141,3 +141,49 @@ def plot_dpo(source, path: str | os.PathLike | None = None, title: str = "DPO"):
         ax.set(xlabel="step", title=f"{title}: {name}")
     _draw_probes(axes[0, 1], frame)
     return save_figure(fig, path)
+
+
+def plot_frontier(summary, x: str, y: str, path: str | os.PathLike | None = None, *, baseline: float | None = None,
+                  x_label: str | None = None, y_label: str | None = None,
+                  title: str = "Learning vs forgetting"):
+    """The learning-vs-forgetting frontier: one point per run at (task score ``x``, retained skill ``y``) with error
+    bars of one standard deviation across seeds, from :func:`llmft.experiments.summarize` (columns ``<x>_mean``,
+    ``<x>_sd``, ``<y>_mean``, ``<y>_sd``, ``run``, ``n``). ``baseline``: the task's majority baseline, drawn as a
+    vertical line. Up and to the right is better: learned more, forgot less."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for index, row in enumerate(summary.to_dict("records")):
+        ax.errorbar(row[f"{x}_mean"], row[f"{y}_mean"], xerr=row[f"{x}_sd"], yerr=row[f"{y}_sd"], fmt="o",
+                    capsize=4, color=f"C{index}", label=f"{row['run']} (n={row['n']})")
+    if baseline is not None:
+        ax.axvline(baseline, color="gray", linestyle="--", label=f"majority baseline {baseline:.2f}")
+    ax.set(xlabel=x_label or x, ylabel=y_label or y, title=title, ylim=(-0.02, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower left")
+    return save_figure(fig, path)
+
+
+def plot_probe_curves(runs: dict, probe: str, path: str | os.PathLike | None = None, *,
+                      title: str = "Live probe during training"):
+    """A live probe (``eval_probe/<probe>`` in each run's metrics CSV) against the step: the mean over the runs of
+    each label with a band from its minimum to its maximum. ``runs``: ``{label: [metrics CSV paths or run
+    directories]}`` (e.g. one label per variant, one path per seed)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from llmft.callbacks import probe_metric
+
+    column = probe_metric(probe)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (label, sources) in enumerate(runs.items()):
+        curves = [_series(load_metrics(source), column) for source in sources]
+        curves = [c.set_index("step")[column] for c in curves if c is not None]
+        if not curves:
+            continue
+        frame = pd.concat(curves, axis=1)
+        ax.plot(frame.index, frame.mean(axis=1), "o-", color=f"C{index}", label=f"{label} (n={len(curves)})")
+        ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=f"C{index}", alpha=0.2)
+    ax.set(xlabel="step", ylabel=f"{probe} probe accuracy", ylim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)

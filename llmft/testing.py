@@ -467,32 +467,87 @@ def pretraining_texts(eos_token: str, seed: int = 0) -> list[str]:
     return texts
 
 
+SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "fibonacci_base"  # pretrained_base() as shipped
+_BASE_SPEC = {"hidden": 128, "layers": 4, "max_seq_length": 256, "batch": 32, "lr": 3e-3, "warmup": 20,
+              "schedule": "cosine", "v": 1}
+
+
+def base_recipe_digest(steps: int = 600, seed: int = 0) -> str:
+    """A digest of everything :func:`pretrained_base` builds from: its curriculum (:func:`pretraining_texts`), the
+    tokenizer, the architecture and the training settings. The shipped base records the digest it was built from."""
+    tokenizer = tiny_tokenizer()
+    recipe = {"texts": pretraining_texts(tokenizer.eos_token, seed), "vocab": sorted(tokenizer.get_vocab().items()),
+              "spec": _BASE_SPEC, "steps": steps, "seed": seed}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pretrained_base(steps: int = 600, seed: int = 0, verbose: bool = True) -> Path:
-    """Directory of the tiny base (hidden 128, 4 layers) after full training on :func:`pretraining_texts`, cached
-    like the other test assets (built once, about two minutes on 2 CPU cores for 600 steps)."""
+    """Directory of the tiny base (hidden 128, 4 layers, ~0.8M parameters) after full training on
+    :func:`pretraining_texts`. The default (600 steps, seed 0) ships with the package (:data:`SHIPPED_BASE`, 3 MB;
+    its ``pretraining.json`` records :func:`base_recipe_digest`); other settings are built once and cached like the
+    other test assets (about two minutes on 2 CPU cores for 600 steps)."""
     import llmft
     from datasets import Dataset
 
+    if (steps, seed) == (600, 0) and (SHIPPED_BASE / "model.safetensors").exists():
+        return SHIPPED_BASE
+
     def build(tmp: Path) -> None:
         start = time.time()
-        model, tokenizer = llmft.load_model(str(tiny_model_dir("llama", hidden_size=128, num_layers=4)),
-                                            max_seq_length=256, lora_r=None, load_in_4bit=False,
+        spec = _BASE_SPEC
+        model, tokenizer = llmft.load_model(str(tiny_model_dir("llama", hidden_size=spec["hidden"],
+                                                               num_layers=spec["layers"])),
+                                            max_seq_length=spec["max_seq_length"], lora_r=None, load_in_4bit=False,
                                             full_finetuning=True, seed=seed)
         texts = Dataset.from_dict({"text": pretraining_texts(tokenizer.eos_token, seed)})
         trainer = llmft.build_trainer(
-            model, tokenizer, texts, output_dir=str(tmp / "_run"), max_steps=steps, per_device_train_batch_size=32,
-            gradient_accumulation_steps=1, learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine",
-            weight_decay=0.0, instruction_part="### Instruction:\n", response_part="### Response:\n",
-            save_strategy="no", metrics_csv=False, seed=seed, verbose=False, disable_tqdm=not verbose)
+            model, tokenizer, texts, output_dir=str(tmp / "_run"), max_steps=steps,
+            per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
+            warmup_steps=spec["warmup"], lr_scheduler_type=spec["schedule"], weight_decay=0.0,
+            instruction_part="### Instruction:\n", response_part="### Response:\n", save_strategy="no",
+            metrics_csv=False, seed=seed, verbose=False, disable_tqdm=not verbose)
         trainer.train()
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        import shutil
-
         shutil.rmtree(tmp / "_run", ignore_errors=True)
-        (tmp / "pretraining.json").write_text(json.dumps({"steps": steps, "seconds": round(time.time() - start, 1)}))
+        (tmp / "pretraining.json").write_text(json.dumps({
+            "steps": steps, "seed": seed, "seconds": round(time.time() - start, 1),
+            "recipe_digest": base_recipe_digest(steps, seed)}, indent=1) + "\n")
 
     target = _spec_dir("pretrained-fibonacci", {"steps": steps, "seed": seed, "v": 1})
     if verbose and not (target / ".complete").exists():
         say(f"building the tiny pretrained base ({steps} full-training steps, cached in {target})")
     return _build_atomically(target, build)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A task the tiny base can learn from what it knows: where the next term of an arithmetic sequence falls
+# --------------------------------------------------------------------------------------------------------------------
+SEQUENCE_RANGES = ("1-29", "30-39", "40-49", "50-99")  # the same four choices in every question
+
+
+def sequence_mcq_rows(split: str = "train", n: int | None = None, n_val: int = 100, seed: int = 0) -> list[dict]:
+    """Multiple-choice questions "What is the next term of 3, 7, 11, 15?" with the four fixed ranges of
+    :data:`SEQUENCE_RANGES` as choices, over the arithmetic sequences of the tiny base's curriculum (start 1-29, step
+    1-9, 3-6 terms: 1044 sequences). The sequences are shuffled once (``seed``) and split: the first ``n_val`` are the
+    ``"val"`` split, the rest ``"train"``, so no held-out question repeats a training one. CodeMMLU-shaped rows
+    (``task_id``, ``question``, ``choices``, ``answer``) for :func:`llmft.mcq_rows`; ``n`` keeps the first ``n``."""
+    if split not in ("train", "val"):
+        raise ValueError(f"sequence_mcq_rows(split={split!r}): use 'train' or 'val'")
+    sequences = [(start, step, length) for start in range(1, 30) for step in range(1, 10) for length in range(3, 7)]
+    random.Random(seed).shuffle(sequences)
+    chosen = sequences[:n_val] if split == "val" else sequences[n_val:]
+    rows = []
+    for start, step, length in chosen[:n]:
+        terms = [start + step * k for k in range(length + 1)]
+        nxt = terms[-1]
+        letter = "ABCD"[(nxt >= 30) + (nxt >= 40) + (nxt >= 50)]
+        rows.append({"task_id": f"seq_{split}_{len(rows):04d}",
+                     "question": f"What is the next term of {', '.join(map(str, terms[:-1]))}?",
+                     "choices": list(SEQUENCE_RANGES), "answer": letter})
+    return rows
+
+
+def tiny_sequence_mcq(split: str = "train", n: int | None = None, n_val: int = 100, seed: int = 0):
+    """:func:`sequence_mcq_rows` as a ``datasets.Dataset``."""
+    return _as_dataset(sequence_mcq_rows(split, n, n_val, seed))

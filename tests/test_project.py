@@ -7,6 +7,7 @@ import pytest
 
 import llmft
 from llmft.__main__ import main
+from llmft.plots import load_metrics
 
 from conftest import REPO
 
@@ -72,18 +73,23 @@ def test_sft_demo_runs_end_to_end(tmp_path):
 def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     """The main job's code path end to end with a tiny budget (the full run's numbers are in the issue note)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--pretrain-steps", "20", "--mcq-rows", "16", "--probe-items", "12",
-                 "--output-dir", str(out)]) == 0
+    assert main(["demo", "--mcq-rows", "8", "--probe-items", "12", "--seeds", "1,2", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [r["run"] for r in results["runs"]] == ["base (no fine-tuning)", "0.2 epoch", "1 epoch", "1 epoch + KD",
-                                                   "1 epoch + Chebyshev"]
-    assert [r["steps"] for r in results["runs"]] == [0, 1, 2, 2, 2]  # 16 rows / batch 8 = 2 steps per epoch
+    names = ["base (no fine-tuning)", "0.2 epoch", "1 epoch", "1 epoch + KD", "1 epoch + Chebyshev",
+             "1 epoch + intruder repair"]
+    assert [r["run"] for r in results["summary"]] == names
+    assert [r["n"] for r in results["summary"]] == [1, 2, 2, 2, 2, 2]  # the base once, every run once per seed
+    assert [r["steps_mean"] for r in results["summary"]] == [0, 1, 2, 2, 2, 2]  # 8 rows / batch 4 = 2 steps
+    assert sorted({r["seed"] for r in results["runs"] if r["seed"] is not None}) == [1, 2]
     assert results["probe_items"] == 12 and all(0 <= r["probe_accuracy"] <= 1 for r in results["runs"])
-    assert results["precision"] == {"device": "cpu", "compute_dtype": "float32", "threads": 2}  # pinned ...
+    assert {r["mitigation_lambda"] for r in results["repair_sweeps"]} == {1.0, 0.5, 0.0}
+    assert results["precision"] == {"device": "cpu", "compute_dtype": "float32", "threads": 1}  # pinned ...
     assert os.environ.get("UNSLOTH_CPU_BF16") == PRECISION_ENV  # ... inside the demo only
-    assert [c["step"] for c in results["forgetting_curve"]][0] == 0
+    assert set(results["checks"]) == {"short_run_learned", "full_run_learned", "full_run_forgot"}
+    curve = load_metrics(out / "runs" / "1_epoch" / "seed-1")  # the live probe, at every evaluation
+    assert curve["eval_probe/fibonacci"].notna().sum() == 2
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("Computed in float32 with 2 CPU threads")
-    assert "headline answer (expected 13)" in summary and len(summary.splitlines()) == 2 + 2 + 5
-    for name in ("forgetting_curve.png", "training_curves.png", "forgetting_by_run.png", "probe_answers.csv"):
+    assert "The CodeMMLU report's claim" in summary and "Computed in float32 with 1 CPU thread" in summary
+    assert summary.count("\n| ") == 1 + len(names)  # header + one row per run
+    for name in ("frontier.png", "forgetting_curve.png", "probe_answers.csv"):
         assert (out / name).exists(), name
