@@ -10,8 +10,11 @@ import os
 
 def load_metrics(source):
     """A tidy DataFrame of training metrics from: a metrics CSV path (``output_dir/metrics.csv``), an output
-    directory holding one, a trainer (its log history), or a log history list."""
+    directory holding one, a trainer (its log history), a log history list, or such a DataFrame (returned as is)."""
     import pandas as pd
+
+    if isinstance(source, pd.DataFrame):
+        return source
 
     if hasattr(source, "state") and hasattr(source.state, "log_history"):
         source = source.state.log_history

@@ -38,3 +38,25 @@ def test_runs_each_variant_from_the_same_base(tiny_dir, tmp_path):
     assert "kd_loss" in kd_metrics.splitlines()[0]  # each variant's own options reached its trainer
     assert set(result.answers["run"]) == {"base", "2 steps", "4 steps + KD"} and len(result.answers) == 3 * 4
     assert result.model is not None and experiments.run_slug("0.2 epoch + KD") == "0p2_epoch_plus_KD"
+
+
+def test_seeds_repeat_every_variant_and_summarize_gives_mean_and_spread(tiny_dir, tmp_path, capsys):
+    _, tokenizer = llmft.load_model(tiny_dir, max_seq_length=256, lora_r=None)
+    rows = llmft.mcq_rows(testing.tiny_codemmlu(16), eos_token=tokenizer.eos_token, verbose=False)
+    result = experiments.run_experiment(
+        tiny_dir, {"2 steps": dict(max_steps=2)}, rows.select_columns(["text"]), output_dir=str(tmp_path),
+        load_options=dict(max_seq_length=256, lora_r=8), scorers={"mcq": experiments.mcq_accuracy(rows)},
+        seeds=[1, 2], progress=False, verbose=False, save_adapters=False,
+        trainer_options=dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-2,
+                             instruction_part=templates.MCQ_INSTRUCTION_PART,
+                             response_part=templates.MCQ_RESPONSE_PART, logging_steps=1))
+    assert "{'loss'" not in capsys.readouterr().out  # no dict per log on the console: metrics.csv has them
+    table = result.table
+    assert list(table["run"]) == ["base", "2 steps", "2 steps"] and list(table["seed"])[1:] == [1, 2]
+    first, second = (llmft.load_metrics(tmp_path / "2_steps" / f"seed-{s}") for s in (1, 2))
+    assert first["loss"].dropna().iloc[0] != second["loss"].dropna().iloc[0]  # seeds change init and data order
+    summary = experiments.summarize(table, ["mcq", "steps"])
+    assert list(summary["run"]) == ["base", "2 steps"] and list(summary["n"]) == [1, 2]
+    runs = table[table["run"] == "2 steps"]["mcq"]
+    assert abs(summary.loc[1, "mcq_mean"] - runs.mean()) < 1e-12
+    assert abs(summary.loc[1, "mcq_sd"] - runs.std(ddof=1)) < 1e-12 and summary.loc[0, "mcq_sd"] == 0.0

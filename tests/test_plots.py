@@ -1,6 +1,7 @@
 import csv
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -59,3 +60,26 @@ def test_schedule_plot(tmp_path):
     assert labels == ["chebyshev", "chebyshev_fractal", "linear (transformers)"]
     assert max(fig.axes[0].get_lines()[0].get_ydata()) == 1e-3
     assert (tmp_path / "s.png").exists()
+
+
+def test_frontier_points_carry_the_spread_and_probe_curves_span_the_seeds(tmp_path):
+    import pandas as pd
+
+    from llmft.experiments import summarize
+
+    table = pd.DataFrame({"run": ["base", "1 epoch", "1 epoch"], "task": [0.3, 0.5, 0.6], "probe": [1.0, 0.8, 0.7]})
+    fig = plots.plot_frontier(summarize(table, ["task", "probe"]), "task", "probe", tmp_path / "f.png",
+                              baseline=0.35)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert set(labels) == {"base (n=1)", "1 epoch (n=2)", "majority baseline 0.35"}
+    point = ax.containers[1]  # the 1-epoch errorbar: mean with a bar of one sd
+    assert list(point.lines[0].get_xydata()[0]) == pytest.approx([0.55, 0.75])
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+    runs = {}
+    for seed, values in ((1, [1.0, 0.8]), (2, [1.0, 0.6])):
+        rows = [{"step": s, "eval_loss": 1.0, "eval_probe/fibonacci": v} for s, v in zip((10, 20), values)]
+        runs.setdefault("1 epoch", []).append(pd.DataFrame(rows))
+    fig = plots.plot_probe_curves(runs, "fibonacci")
+    line = fig.axes[0].get_lines()[0]
+    assert list(line.get_ydata()) == pytest.approx([1.0, 0.7]) and line.get_label() == "1 epoch (n=2)"

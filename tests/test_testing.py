@@ -1,7 +1,10 @@
 """The offline test bed: deterministic, cached, and in the real hub shapes."""
 import ast
 import hashlib
+import json
 from pathlib import Path
+
+import pytest
 
 from llmft import testing
 
@@ -81,3 +84,43 @@ def test_smoke_mode_switch(monkeypatch):
     assert testing.smoke_mode()
     monkeypatch.setenv("LLMFT_SMOKE", "0")
     assert not testing.smoke_mode()
+
+
+def test_shipped_base_is_the_recipe_and_knows_fibonacci():
+    """The demo's base ships with the package; the digest it records is the recipe's as the code defines it now."""
+    import llmft
+    from llmft import probes
+
+    recorded = json.loads((testing.SHIPPED_BASE / "pretraining.json").read_text())
+    assert testing.pretrained_base() == testing.SHIPPED_BASE
+    assert recorded["recipe_digest"] == testing.base_recipe_digest(600, 0), (
+        "the tiny base's recipe changed: rebuild it with testing.pretrained_base on a fresh cache and copy it to "
+        "llmft/assets/fibonacci_base")
+    size = sum(f.stat().st_size for f in testing.SHIPPED_BASE.iterdir())
+    assert size < 4_000_000
+    model, tokenizer = llmft.load_model(str(testing.SHIPPED_BASE), max_seq_length=256, lora_r=None,
+                                        load_in_4bit=False)
+    table = probes.run_probe(model, tokenizer, probes.fibonacci_probe(max_items=24), progress=False)
+    assert table["correct"].mean() >= 0.95 and table.loc[0, "answer"].strip().startswith("13")
+
+
+def test_base_recipe_builds_and_records_its_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFT_CACHE", str(tmp_path))
+    built = testing.pretrained_base(steps=2, verbose=False)
+    assert built != testing.SHIPPED_BASE and (built / "model.safetensors").exists()
+    assert json.loads((built / "pretraining.json").read_text())["recipe_digest"] == testing.base_recipe_digest(2, 0)
+    assert testing.base_recipe_digest(2, 0) != testing.base_recipe_digest(600, 0)
+
+
+def test_sequence_questions_split_without_overlap_and_answer_by_range():
+    train, val = testing.sequence_mcq_rows("train"), testing.sequence_mcq_rows("val")
+    assert len(train) + len(val) == 29 * 9 * 4 and len(val) == 100
+    assert not {r["question"] for r in train} & {r["question"] for r in val}  # held-out never seen in training
+    for row in train[:50] + val:
+        terms = [int(t) for t in row["question"].removeprefix("What is the next term of ").rstrip("?").split(", ")]
+        following = 2 * terms[-1] - terms[-2]
+        low, high = map(int, testing.SEQUENCE_RANGES["ABCD".index(row["answer"])].split("-"))
+        assert row["choices"] == list(testing.SEQUENCE_RANGES) and low <= following <= high
+    assert testing.sequence_mcq_rows("train", 5) == train[:5]
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        testing.sequence_mcq_rows("test")
