@@ -623,22 +623,38 @@ class KeepAdapterDtype(TrainerCallback):
 
     TRL casts QLoRA adapters to bf16 when it builds the trainer (on a T4, and in Unsloth's CPU mode on bf16 CPUs), so
     checkpoints hold bf16 adapters; resuming, PEFT's ``load_adapter`` upcasts them to float32, and the resumed run
-    would train (and save) in another precision than the uninterrupted one. At the start of training this casts
-    them back, with the optimizer state loaded for them, so a resumed run is the uninterrupted run.
+    would train (and save) in another precision than the uninterrupted one. :meth:`restore` casts them back; a
+    trainer built on :class:`llmft.trainers.TrainerMixin` calls it when it creates the optimizer, right after the
+    checkpoint is loaded and before the model is wrapped for DDP (whose gradient buckets keep the dtypes they were
+    built with: cast later, the processes silently stop averaging gradients — measured, the replicas' weights
+    diverged from the first step after a resume). For any other trainer it happens at the start of training, with
+    the optimizer state loaded for the weights; there a DDP run stops with an error instead.
     """
 
     def __init__(self, model):
         self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None:
-            return
+    def restore(self, model) -> dict:
+        """Cast ``model``'s trainable weights back to the dtypes training started with; ``{id(param): dtype}`` of
+        those it changed."""
         changed = {}
         for name, param in model.named_parameters():
             want = self.dtypes.get(name)
             if want is not None and param.dtype != want:
                 param.data = param.data.to(want)
                 changed[id(param)] = want
+        return changed
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            return
+        changed = self.restore(model)
+        if changed and args.world_size > 1:
+            raise RuntimeError(
+                f"KeepAdapterDtype: {len(changed)} adapter weights came back from the checkpoint in another dtype "
+                "after the model was wrapped for DistributedDataParallel, which would stop averaging their gradients. "
+                "Build the trainer with llmft.build_trainer / build_dpo_trainer (or on llmft.trainers.TrainerMixin), "
+                "which restores the dtypes before the model is wrapped.")
         if not changed or optimizer is None:
             return
         for group in optimizer.param_groups:
