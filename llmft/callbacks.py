@@ -401,8 +401,9 @@ class EarlyStopping(TrainerCallback, ExportableState):
         if any_process(stop):  # called at every evaluation by every process: they all stop at the same step
             self.stopped_at_step = state.global_step
             control.should_training_stop = True
-            say(f"EarlyStopping: {self.rule.metric} has not improved on {self.best_value:.6g} for "
-                f"{self.bad_evaluations} evaluations; stopping at step {state.global_step}")
+            why = (f"{self.rule.metric} has not improved on {self.best_value:.6g} for {self.bad_evaluations} "
+                   "evaluations" if stop else "another process reached the patience")
+            say(f"EarlyStopping: {why}; stopping at step {state.global_step}")
 
 
 class ProbeCallback(TrainerCallback):
@@ -545,9 +546,9 @@ class RetentionGuard(TrainerCallback, ExportableState):
         if any_process(bool(over) and state.global_step < state.max_steps):  # every process stops at the same step
             self.stopped_at_step, self.stopped_by = state.global_step, over
             control.should_training_stop = True
-            say("RetentionGuard: " + ", ".join(
-                f"{key} = {value:.3g} < {self.retain[key[len(PROBE_PREFIX):]]:g}" for key, value in over.items())
-                + f" for {self.patience} evaluation(s); stopping at step {state.global_step} "
+            why = ", ".join(f"{key} = {value:.3g} < {self.retain[key[len(PROBE_PREFIX):]]:g}"
+                            for key, value in over.items()) or "another process's retained probe"
+            say(f"RetentionGuard: {why} for {self.patience} evaluation(s); stopping at step {state.global_step} "
                 "(the best checkpoint is chosen among evaluations that kept every retained probe)")
 
 
