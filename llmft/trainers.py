@@ -323,28 +323,41 @@ class DistillSFTTrainer(LlmftSFTTrainer):
         # num_items_in_batch = the response tokens of the whole accumulation window and then does NOT divide by
         # the accumulation steps, so a per-micro-batch mean here would weigh the KL x accumulation steps.
         count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
-        loss = ce / count
+        # Under DDP that count is every process's (transformers gathers it) while DDP averages the gradients over
+        # the processes: Trainer.compute_loss multiplies by the process count then, and so does this one.
+        scale = 1
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            scale = self.accelerator.num_processes
+        loss = ce / count * scale
         if config.weight > 0:
             peft_model = self.accelerator.unwrap_model(model)
             with torch.no_grad(), peft_model.disable_adapter():
                 teacher_logits = peft_model(**forward).logits
             kd_sum = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
                              config.only_where_teacher_right, reduction="sum")
-            loss = loss + config.weight * kd_sum / count
+            loss = loss + config.weight * kd_sum / count * scale
             # Averaged over the micro-batches since the last log in log(): scaled so that average is the window's KL
             # per response token (the same normalisation as the logged loss).
             steps = 1
             if num_items_in_batch is not None and model.training:
                 steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
-            self._kd_logged["train" if model.training else "eval"].append(float(kd_sum.detach() / count) * steps)
+            self._kd_logged["train" if model.training else "eval"].append(
+                float(kd_sum.detach() / count) * steps * scale)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Adds the mean ``kd_loss`` since the last log (``eval_kd_loss`` for an evaluation), then logs as usual."""
+        """Adds the mean ``kd_loss`` since the last log (``eval_kd_loss`` for an evaluation, so it is among the metrics
+        ``evaluate`` returns and callbacks see), then logs as usual. Under DDP each process holds its own share: the
+        logged value is their mean, as for transformers' loss."""
+        import torch
+
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         values = self._kd_logged[mode]
         if values:
-            logs = {**logs, ("eval_kd_loss" if mode == "eval" else "kd_loss"): sum(values) / len(values)}
+            value = sum(values) / len(values)
+            if self.args.world_size > 1:  # every process logs here, with as many values: a symmetric all-gather
+                value = self.accelerator.gather(torch.tensor([value], device=self.args.device)).mean().item()
+            logs["eval_kd_loss" if mode == "eval" else "kd_loss"] = value  # in place: evaluate() passes its metrics
             values.clear()
         return super().log(logs, *args, **kwargs)
 
