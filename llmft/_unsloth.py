@@ -31,6 +31,15 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+_pinned: str | None = None  # what pin_single_gpu_on_kaggle set in this process, if anything
+
+
+def pinned_gpu() -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` value llmft's Kaggle pin set in this process (None when it set nothing: not on
+    Kaggle, a user's own value, or a launcher's process)."""
+    return _pinned
+
+
 def pin_single_gpu_on_kaggle() -> str | None:
     """On Kaggle, expose only GPU 0 unless ``CUDA_VISIBLE_DEVICES`` is already set or a launcher started several
     processes (one per GPU); returns what was set."""
@@ -42,7 +51,8 @@ def pin_single_gpu_on_kaggle() -> str | None:
         warnings.warn("llmft: torch was imported before llmft, so it cannot pin Kaggle's 2xT4 to one GPU. "
                       "Import llmft first, or set CUDA_VISIBLE_DEVICES=0 before importing torch.", stacklevel=3)
         return None
-    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    global _pinned
+    os.environ["CUDA_VISIBLE_DEVICES"] = _pinned = "0"
     say("llmft: Kaggle detected; training on GPU 0 only (set CUDA_VISIBLE_DEVICES before import to change).")
     return "0"
 
