@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+import llmft  # noqa: F401  (first, as `python -m llmft` does: Unsloth before transformers, the Kaggle GPU pin)
 from transformers import TrainerCallback
 
 PROMPTS = [f"Question {i}: what is {i} plus {i}?" for i in range(7)]  # 7: the two processes get 4 and 3
@@ -31,7 +32,8 @@ class RankReport(TrainerCallback):
         from llmft.runtime import any_process, process_count, process_rank
 
         self.report.update(rank=process_rank(), world_size=process_count(), parallel_mode=str(args.parallel_mode),
-                           any_when_only_rank_1=any_process(process_rank() == 1), any_when_none=any_process(False))
+                           any_when_only_rank_1=any_process(process_rank() == 1), any_when_none=any_process(False),
+                           cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         keep = {k: v for k, v in (metrics or {}).items() if k.startswith("eval_") and "runtime" not in k
