@@ -4,9 +4,11 @@ Unsloth patches transformers, TRL and PEFT when it is imported; TRL 1.15 on a CP
 ``import unsloth`` ran before it. ``import llmft`` calls :func:`import_unsloth` before anything imports trl or
 transformers, so users of llmft get the right order for free.
 
-Kaggle's "GPU T4 x2" machines expose two GPUs; Unsloth trains on one, and the second only confuses device placement.
-Before torch starts, we pin ``CUDA_VISIBLE_DEVICES=0`` on Kaggle unless the user set it. To use another GPU, set
-``CUDA_VISIBLE_DEVICES`` yourself before ``import llmft``.
+Kaggle's "GPU T4 x2" machines expose two GPUs; a single process trains on one, and the second only confuses device
+placement. Before torch starts, we pin ``CUDA_VISIBLE_DEVICES=0`` on Kaggle unless the user set it. To use another
+GPU, set ``CUDA_VISIBLE_DEVICES`` yourself before ``import llmft``. To use both, launch one process per GPU
+(``torchrun --nproc_per_node=2 ...``): the pin then steps aside, since every process must see the GPUs for Unsloth to
+put each on its own, ``cuda:LOCAL_RANK``.
 """
 from __future__ import annotations
 
@@ -29,16 +31,28 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+_pinned: str | None = None  # what pin_single_gpu_on_kaggle set in this process, if anything
+
+
+def pinned_gpu() -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` value llmft's Kaggle pin set in this process (None when it set nothing: not on
+    Kaggle, a user's own value, or a launcher's process)."""
+    return _pinned
+
+
 def pin_single_gpu_on_kaggle() -> str | None:
-    """On Kaggle, expose only GPU 0 unless ``CUDA_VISIBLE_DEVICES`` is already set; returns what was set."""
-    on_kaggle = "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ
-    if not on_kaggle or "CUDA_VISIBLE_DEVICES" in os.environ:
+    """On Kaggle, expose only GPU 0 unless ``CUDA_VISIBLE_DEVICES`` is already set or a launcher started several
+    processes (one per GPU); returns what was set."""
+    from llmft.runtime import launched_distributed, on_kaggle
+
+    if not on_kaggle() or "CUDA_VISIBLE_DEVICES" in os.environ or launched_distributed():
         return None
     if "torch" in sys.modules:
         warnings.warn("llmft: torch was imported before llmft, so it cannot pin Kaggle's 2xT4 to one GPU. "
                       "Import llmft first, or set CUDA_VISIBLE_DEVICES=0 before importing torch.", stacklevel=3)
         return None
-    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    global _pinned
+    os.environ["CUDA_VISIBLE_DEVICES"] = _pinned = "0"
     say("llmft: Kaggle detected; training on GPU 0 only (set CUDA_VISIBLE_DEVICES before import to change).")
     return "0"
 

@@ -16,6 +16,15 @@ a loss of their own (only :class:`ProbeCallback` runs the model, to generate), s
 
 Stateful callbacks implement transformers' ``ExportableState``: their state is saved in every checkpoint and restored
 on resume (``build_trainer`` sets ``restore_callback_states_from_checkpoint=True``).
+
+Several processes (data parallel under ``torchrun`` / ``accelerate launch``): every process runs every callback, on
+the same numbers — transformers gathers the logged training loss over the processes (``nested_gather(tr_loss)
+.mean()``) and the evaluation's predictions and losses (``gather_for_metrics``), TRL gathers its own metrics (DPO's
+rewards, token accuracy) the same way, and :class:`ProbeCallback` gathers the probe answers — so each keeps the same
+state; only the main process (:func:`llmft.runtime.is_main_process` with the trainer's args, i.e. transformers'
+``args.should_save``) writes files. Stop decisions are or-ed over the processes (:func:`llmft.runtime.any_process`)
+as well, so a value that is not gathered (a custom trainer's own log) can never stop one process alone and leave the
+others waiting in the next gradient all-reduce.
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ from transformers.trainer_callback import ExportableState
 
 from llmft.log import say
 from llmft.models import save_active_adapter
+from llmft.runtime import any_process, is_main_process
 
 CORE_COLUMNS = ["step", "epoch", "event", "loss", "learning_rate", "grad_norm", "weight_decay",
                 "gpu_mem_reserved_gb", "gpu_mem_allocated_gb"]
@@ -155,6 +165,8 @@ class MetricsLogger(TrainerCallback):
     ``eval_rewards/accuracies``, ...), added as they first appear. Each row is flushed and fsynced, so a crash loses
     nothing already logged; on resume, rows after the checkpoint's step (logged in the lost part of the run) are
     dropped, so every step appears once. ``tensorboard=True`` also writes the scalars to ``<path dir>/tensorboard``.
+    With several processes only the main one writes (every process reads the rows kept at a resume, so the totals
+    it corrects in the logs are the same everywhere).
     """
 
     def __init__(self, path: str | os.PathLike, tensorboard: bool = False):
@@ -195,8 +207,11 @@ class MetricsLogger(TrainerCallback):
             else:
                 say(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows "
                     "logged after that checkpoint (they will be logged again)")
-        self._rewrite(columns or list(CORE_COLUMNS), kept)
         self._loss_before_resume, self._tokens_before_resume = _totals_before(kept)
+        self._columns = columns or list(CORE_COLUMNS)
+        if not is_main_process(args):
+            return
+        self._rewrite(self._columns, kept)
         if self.tensorboard and self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -205,12 +220,14 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
+        self._carry_over_resumed_totals(logs, state)
+        if not is_main_process(args):
+            return
         reserved, allocated = _gpu_memory_gb()
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 6),
                "event": ("summary" if "train_runtime" in logs
                          else "eval" if any(k.startswith("eval_") for k in logs) else "train"),
                "gpu_mem_reserved_gb": round(reserved, 4), "gpu_mem_allocated_gb": round(allocated, 4)}
-        self._carry_over_resumed_totals(logs, state)
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")})
         if self._columns is None:
             self._columns = self._read()[0] or list(CORE_COLUMNS)
@@ -249,7 +266,7 @@ class BestCheckpoint(TrainerCallback, ExportableState):
 
     ``retain={"fibonacci": 0.9}`` (a retention guard, with :class:`ProbeCallback`): only evaluations where every
     retained probe (``eval_probe/<name>``) is at or above its threshold can be saved or chosen as the best; the steps
-    passed over are listed in ``best.json`` (``skipped``).
+    passed over are listed in ``best.json`` (``skipped``). With several processes only the main one writes.
     """
 
     def __init__(self, directory: str, metric: str = "eval_loss", greater_is_better: bool | None = None,
@@ -281,17 +298,19 @@ class BestCheckpoint(TrainerCallback, ExportableState):
         return self.kept[0]["path"] if self.kept else None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # Checkpoints from steps after the one we resume from belong to a run that was lost: remove them.
+        self.skipped = [s for s in self.skipped if s["step"] <= state.global_step]
         root = Path(self.directory)
-        if root.exists():
+        if root.exists() and is_main_process(args):
+            # Checkpoints from steps after the one we resume from belong to a run that was lost: remove them.
             valid = {Path(k["path"]).name for k in self.kept}
             for child in root.glob("step-*"):
                 if child.name not in valid:
                     shutil.rmtree(child, ignore_errors=True)
-            self.skipped = [s for s in self.skipped if s["step"] <= state.global_step]
             self._write_record()
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
+        # Every process keeps the same bookkeeping (the metrics are gathered); only the main one writes.
+        writes = is_main_process(args)
         value = self.rule.value(metrics)
         if value is None:
             if metrics and self.rule.metric not in metrics:
@@ -301,20 +320,32 @@ class BestCheckpoint(TrainerCallback, ExportableState):
         if below:
             self.skipped = [s for s in self.skipped if s["step"] != state.global_step]
             self.skipped.append({"step": state.global_step, "below": below})
-            self._write_record()
+            if writes:
+                self._write_record()
             return
         if not self.rule.better(value, self.best_value):
             return
         self.best_value, self.best_step = value, state.global_step
-        root = Path(self.directory)
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{state.global_step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        final = Path(self.directory) / f"step-{state.global_step:06d}"
+        if writes:
+            self._save(final, value, state.global_step, model, processing_class)
+        self.kept = [k for k in self.kept if k["path"] != str(final)]
+        self.kept.insert(0, {"step": state.global_step, "value": value, "path": str(final)})
+        stale, self.kept = self.kept[self.keep:], self.kept[: self.keep]
+        if writes:
+            for checkpoint in stale:
+                shutil.rmtree(checkpoint["path"], ignore_errors=True)
+            self._write_record()
+
+    def _save(self, final: Path, value: float, step: int, model, processing_class) -> None:
+        """The adapters (and tokenizer) into ``final``, through a temporary directory renamed into place."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
         try:
             # A card written first says what this checkpoint is (and spares PEFT compiling its card template).
             (tmp / "README.md").write_text(
                 "---\nlibrary_name: peft\n---\n"  # the metadata block PEFT's card loader expects
-                f"# Best checkpoint by {self.rule.metric}\n\nstep {state.global_step}: {self.rule.metric} = {value:.6g} "
+                f"# Best checkpoint by {self.rule.metric}\n\nstep {step}: {self.rule.metric} = {value:.6g} "
                 f"({'higher' if self.rule.greater_is_better else 'lower'} is better). Written by llmft.BestCheckpoint; "
                 "reload with `llmft.load_model(<this directory>)`.\n")
             save_active_adapter(model, tmp)
@@ -325,20 +356,18 @@ class BestCheckpoint(TrainerCallback, ExportableState):
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.kept = [k for k in self.kept if k["path"] != str(final)]
-        self.kept.insert(0, {"step": state.global_step, "value": value, "path": str(final)})
-        for stale in self.kept[self.keep:]:
-            shutil.rmtree(stale["path"], ignore_errors=True)
-        self.kept = self.kept[: self.keep]
-        self._write_record()
+
+    def record(self) -> dict:
+        """What ``best.json`` holds: the metric and its direction, the best step, value and path, the kept list and
+        the evaluations the retention guard passed over."""
+        return {"metric": self.rule.metric, "greater_is_better": self.rule.greater_is_better,
+                "best_step": self.best_step, "best_value": self.best_value, "best_path": self.best_path,
+                "kept": self.kept, "retain": self.retain, "skipped": self.skipped}
 
     def _write_record(self) -> None:
         root = Path(self.directory)
         root.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(root / "best.json", {
-            "metric": self.rule.metric, "greater_is_better": self.rule.greater_is_better,
-            "best_step": self.best_step, "best_value": self.best_value, "best_path": self.best_path,
-            "kept": self.kept, "retain": self.retain, "skipped": self.skipped})
+        _write_json_atomically(root / "best.json", self.record())
 
 
 class EarlyStopping(TrainerCallback, ExportableState):
@@ -363,19 +392,19 @@ class EarlyStopping(TrainerCallback, ExportableState):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = self.rule.value(metrics)
-        if value is None:
-            if metrics and self.rule.metric not in metrics:
-                raise KeyError(self.rule.missing_message(metrics, "EarlyStopping"))
-            return
-        if self.rule.better(value, self.best_value):
+        if value is None and metrics and self.rule.metric not in metrics:
+            raise KeyError(self.rule.missing_message(metrics, "EarlyStopping"))
+        if value is not None and self.rule.better(value, self.best_value):
             self.best_value, self.bad_evaluations = value, 0
-            return
-        self.bad_evaluations += 1
-        if self.bad_evaluations >= self.patience and state.global_step < state.max_steps:
+        elif value is not None:
+            self.bad_evaluations += 1
+        stop = value is not None and self.bad_evaluations >= self.patience and state.global_step < state.max_steps
+        if any_process(stop):  # called at every evaluation by every process: they all stop at the same step
             self.stopped_at_step = state.global_step
             control.should_training_stop = True
-            say(f"EarlyStopping: {self.rule.metric} has not improved on {self.best_value:.6g} for "
-                f"{self.bad_evaluations} evaluations; stopping at step {state.global_step}")
+            why = (f"{self.rule.metric} has not improved on {self.best_value:.6g} for {self.bad_evaluations} "
+                   "evaluations" if stop else "another process reached the patience")
+            say(f"EarlyStopping: {why}; stopping at step {state.global_step}")
 
 
 class ProbeCallback(TrainerCallback):
@@ -393,6 +422,11 @@ class ProbeCallback(TrainerCallback):
     ``batch_size`` at a time, at most ``max_new_tokens`` new tokens. Unsloth's inference mode is used for the
     generation and the model is put back in training mode (gradient checkpointing included) afterwards.
     The last scored answers are kept in ``last_tables`` ({probe name: DataFrame}) to see *how* a probe fails.
+
+    With several processes (torchrun), each answers its share of the items and the answers are gathered
+    (:func:`llmft.generate_batch` with ``across_processes=True``), so every process holds the same table and scores —
+    the stop and best-checkpoint decisions that read them agree — in 1/N of the time. The answers may differ from a
+    single process's where batching changes greedy decoding (bf16; see GUIDE §7), never between processes.
     """
 
     def __init__(self, probes, tokenizer=None, *, max_items: int | None = 32, max_new_tokens: int = 8,
@@ -434,7 +468,8 @@ class ProbeCallback(TrainerCallback):
         self._training = False
 
     def score(self, model, tokenizer) -> dict[str, float]:
-        """``{eval_probe/<name>: accuracy}`` for the model as it is now."""
+        """``{eval_probe/<name>: accuracy}`` for the model as it is now (with several processes, every one must call
+        it: they share the items)."""
         from llmft.generation import inference_mode
         from llmft.probes import run_probe
 
@@ -443,7 +478,7 @@ class ProbeCallback(TrainerCallback):
             with inference_mode(model):
                 for probe in self.probes:
                     table = run_probe(model, tokenizer, probe, max_new_tokens=self.max_new_tokens,
-                                      batch_size=self.batch_size, progress=False)
+                                      batch_size=self.batch_size, progress=False, across_processes=True)
                     self.last_tables[probe.name] = table
                     scores[probe_metric(probe.name)] = float(table["correct"].mean())
         finally:
@@ -509,12 +544,12 @@ class RetentionGuard(TrainerCallback, ExportableState):
         below = _below_threshold(metrics, self.retain, "RetentionGuard")
         self.below_for = {key: self.below_for.get(key, 0) + 1 for key in below}
         over = {key: below[key] for key, count in self.below_for.items() if count >= self.patience}
-        if over and state.global_step < state.max_steps:
+        if any_process(bool(over) and state.global_step < state.max_steps):  # every process stops at the same step
             self.stopped_at_step, self.stopped_by = state.global_step, over
             control.should_training_stop = True
-            say("RetentionGuard: " + ", ".join(
-                f"{key} = {value:.3g} < {self.retain[key[len(PROBE_PREFIX):]]:g}" for key, value in over.items())
-                + f" for {self.patience} evaluation(s); stopping at step {state.global_step} "
+            why = ", ".join(f"{key} = {value:.3g} < {self.retain[key[len(PROBE_PREFIX):]]:g}"
+                            for key, value in over.items()) or "another process's retained probe"
+            say(f"RetentionGuard: {why} for {self.patience} evaluation(s); stopping at step {state.global_step} "
                 "(the best checkpoint is chosen among evaluations that kept every retained probe)")
 
 
@@ -533,16 +568,16 @@ class NonFiniteLossGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or self.failure:
             return
-        for key in ("loss", "eval_loss"):
-            value = logs.get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                self.failure = (
-                    f"{key} became {value} at step {state.global_step}. Likely cause: an fp16 overflow (T4s have no "
-                    f"bf16) or a learning rate too high (now {args.learning_rate:g}). Lower the learning rate, keep "
-                    "max_grad_norm=1.0, or resume from the last good checkpoint.")
-                control.should_training_stop = True
-                control.should_save = False
-                return
+        bad = [f"{key} became {logs[key]}" for key in ("loss", "eval_loss")
+               if isinstance(logs.get(key), (int, float)) and not math.isfinite(logs[key])]
+        if any_process(bool(bad)):  # every process stops at the same step, even if only one saw the bad value
+            self.failure = (
+                f"{bad[0] if bad else 'the loss became non-finite in another process'} at step {state.global_step}. "
+                f"Likely cause: an fp16 overflow (T4s have no bf16) or a learning rate too high (now "
+                f"{args.learning_rate:g}). Lower the learning rate, keep max_grad_norm=1.0, or resume from the last "
+                "good checkpoint.")
+            control.should_training_stop = True
+            control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
         if self.failure:
@@ -590,22 +625,38 @@ class KeepAdapterDtype(TrainerCallback):
 
     TRL casts QLoRA adapters to bf16 when it builds the trainer (on a T4, and in Unsloth's CPU mode on bf16 CPUs), so
     checkpoints hold bf16 adapters; resuming, PEFT's ``load_adapter`` upcasts them to float32, and the resumed run
-    would train (and save) in another precision than the uninterrupted one. At the start of training this casts
-    them back, with the optimizer state loaded for them, so a resumed run is the uninterrupted run.
+    would train (and save) in another precision than the uninterrupted one. :meth:`restore` casts them back; a
+    trainer built on :class:`llmft.trainers.TrainerMixin` calls it when it creates the optimizer, right after the
+    checkpoint is loaded and before the model is wrapped for DDP (whose gradient buckets keep the dtypes they were
+    built with: cast later, the processes silently stop averaging gradients — measured, the replicas' weights
+    diverged from the first step after a resume). For any other trainer it happens at the start of training, with
+    the optimizer state loaded for the weights; there a DDP run stops with an error instead.
     """
 
     def __init__(self, model):
         self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None:
-            return
+    def restore(self, model) -> dict:
+        """Cast ``model``'s trainable weights back to the dtypes training started with; ``{id(param): dtype}`` of
+        those it changed."""
         changed = {}
         for name, param in model.named_parameters():
             want = self.dtypes.get(name)
             if want is not None and param.dtype != want:
                 param.data = param.data.to(want)
                 changed[id(param)] = want
+        return changed
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            return
+        changed = self.restore(model)
+        if changed and args.world_size > 1:
+            raise RuntimeError(
+                f"KeepAdapterDtype: {len(changed)} adapter weights came back from the checkpoint in another dtype "
+                "after the model was wrapped for DistributedDataParallel, which would stop averaging their gradients. "
+                "Build the trainer with llmft.build_trainer / build_dpo_trainer (or on llmft.trainers.TrainerMixin), "
+                "which restores the dtypes before the model is wrapped.")
         if not changed or optimizer is None:
             return
         for group in optimizer.param_groups:

@@ -214,10 +214,14 @@ def config_dict(options, trl_args: dict | None = None, kind: str | None = None) 
 
 
 def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = None, kind: str | None = None) -> Path:
-    """Write ``output_dir/llmft_config.json`` atomically; returns its path."""
+    """Write ``output_dir/llmft_config.json`` atomically (by the main process only under torchrun); returns its path."""
+    from llmft.runtime import is_main_process
+
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
+    if not is_main_process():
+        return path
+    out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(config_dict(options, trl_args, kind), indent=2) + "\n")
     os.replace(tmp, path)

@@ -332,22 +332,26 @@ def _cache_file(cache_dir, name: str, prompts, settings: dict) -> Path:
 def generate_cached(model, tokenizer, prompts, name: str, cache_dir, *, batch_size: int = 8,
                     max_new_tokens: int = 128, **generate_options) -> list[str]:
     """:func:`llmft.generate_batch` with the answers written to ``cache_dir`` after every batch, so a disconnect
-    loses at most one batch and a re-run continues where it stopped."""
+    loses at most one batch and a re-run continues where it stopped. Under torchrun every process generates and only
+    the main one writes the cache."""
     from tqdm.auto import tqdm
 
     from llmft.generation import generate_batch
+    from llmft.runtime import is_main_process
 
     settings = {"max_new_tokens": max_new_tokens, **{k: repr(v) for k, v in generate_options.items()}}
     path = _cache_file(cache_dir, name, prompts, settings)
     done = json.loads(path.read_text()) if path.exists() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(prompts), initial=len(done), desc=f"generating ({name})") as bar:
+    writes = is_main_process()
+    with tqdm(total=len(prompts), initial=len(done), desc=f"generating ({name})", disable=not writes) as bar:
         for start in range(len(done), len(prompts), batch_size):
             done += generate_batch(model, tokenizer, prompts[start:start + batch_size], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, progress=False, **generate_options)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done))
-            os.replace(tmp, path)
+            if writes:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(done))
+                os.replace(tmp, path)
             bar.update(min(batch_size, len(prompts) - start))
     return done
 

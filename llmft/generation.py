@@ -92,14 +92,42 @@ def generate_response(model, tokenizer, prompt: Prompt, *, max_new_tokens: int =
 
 def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: int = 8, max_new_tokens: int = 128,
                    do_sample: bool = False, temperature: float | None = None, min_p: float | None = None,
-                   progress: bool = True, desc: str = "generating", **generate_kwargs) -> list[str]:
+                   progress: bool = True, desc: str = "generating", across_processes: bool = False,
+                   **generate_kwargs) -> list[str]:
     """Generate for many prompts, ``batch_size`` at a time with left padding; greedy by default. Returns the new
-    text of each prompt, in order."""
-    import torch
+    text of each prompt, in order.
 
+    Several processes (torchrun, data parallel): by default each process generates every prompt itself (call it on
+    the main process only — ``if llmft.runtime.is_main_process():`` — to spend one GPU). ``across_processes=True``
+    splits the prompts among the processes in order (accelerate's ``split_between_processes``) and gathers the answers
+    (``gather_object``): every process gets all of them, once each and in order, in 1/N of the time; every process
+    must then make the call. In a single process it changes nothing. Under DDP pass the unwrapped model (the
+    trainer's ``trainer.model``, which is what callbacks receive), not ``trainer.model_wrapped``."""
     if batch_size < 1:
         raise ValueError(f"generate_batch(batch_size={batch_size}): must be at least 1")
-    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    rendered = [render_prompt(tokenizer, p) for p in prompts]  # every process checks every prompt: same errors
+    if len({special for _, special in rendered}) > 1:  # chats and plain strings differ in BOS handling
+        raise ValueError("generate_batch: mix of chat and plain-string prompts; pass one kind per call")
+    options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   min_p=min_p, desc=desc, **generate_kwargs)
+    from llmft.runtime import is_main_process, process_count
+
+    if not across_processes or process_count() <= 1:
+        return _generate_here(model, tokenizer, rendered, progress=progress and is_main_process(), **options)
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    with PartialState().split_between_processes(rendered) as share:
+        answers = _generate_here(model, tokenizer, share, progress=progress and is_main_process(), **options)
+    return gather_object(answers)
+
+
+def _generate_here(model, tokenizer, rendered: list[tuple[str, bool]], *, batch_size: int, max_new_tokens: int,
+                   do_sample: bool, temperature: float | None, min_p: float | None, progress: bool, desc: str,
+                   **generate_kwargs) -> list[str]:
+    """:func:`generate_batch` in this process alone, on prompts already rendered (:func:`render_prompt`)."""
+    import torch
+
     results: list[str] = []
     if tokenizer.pad_token is None:  # pad with eos; generate gets the same id (pad_token_id)
         tokenizer.pad_token = tokenizer.eos_token
@@ -107,12 +135,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: i
             tqdm(total=len(rendered), desc=desc, disable=not progress) as bar:
         for start in range(0, len(rendered), batch_size):
             chunk = rendered[start:start + batch_size]
-            # Chats and plain strings differ in BOS handling; a batch shares one setting, so group by it.
-            special = chunk[0][1]
-            if any(s != special for _, s in chunk):
-                raise ValueError("generate_batch: mix of chat and plain-string prompts; pass one kind per call")
             inputs = tokenizer([t for t, _ in chunk], return_tensors="pt", padding=True,
-                               add_special_tokens=special).to(model.device)
+                               add_special_tokens=chunk[0][1]).to(model.device)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                     **_sampling_kwargs(do_sample, temperature, min_p, tokenizer),
                                     **generate_kwargs)

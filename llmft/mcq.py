@@ -118,12 +118,16 @@ def confusion(predictions: Sequence[str], answers: Sequence[str]):
 def write_submission(task_ids: Sequence[str], predictions: Sequence[str], path: str | os.PathLike = "submission.csv",
                      test_rows=None) -> Path:
     """Write a Kaggle ``submission.csv`` (``task_id,answer``), validated first (against ``test_rows`` from
-    :func:`llmft.data.mcq_rows` when given), and written atomically."""
+    :func:`llmft.data.mcq_rows` when given), and written atomically (by the main process only under torchrun)."""
+    from llmft.runtime import is_main_process
+
     import pandas as pd
 
     frame = pd.DataFrame({"task_id": [str(t) for t in task_ids], "answer": list(predictions)})
     validate_submission(frame, test_rows)
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     frame.to_csv(tmp, index=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from llmft._unsloth import import_unsloth
-from llmft.runtime import preflight, require_gpu
+from llmft.runtime import is_main_process, preflight, require_gpu
 
 # All attention and MLP projections of Llama/Qwen/Mistral/Gemma-style blocks (the NTUA lab report's "QKV, O and MLP").
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -198,10 +198,13 @@ def restore_saved_adapter_dtype(model, adapter_dir: str, adapter_name: str | Non
 
 
 def save_adapters(model, tokenizer, path: str | os.PathLike) -> Path:
-    """Save only the LoRA adapters (a few MB) and the tokenizer to ``path``; reload with ``load_model(path)``."""
+    """Save only the LoRA adapters (a few MB) and the tokenizer to ``path``; reload with ``load_model(path)``. With
+    several processes (torchrun) only the main one writes; every one returns the path."""
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapters: the model has no LoRA adapters (load it with lora_r set, the default)")
     path = Path(path)
+    if not is_main_process():
+        return path
     path.mkdir(parents=True, exist_ok=True)
     save_active_adapter(model, path)
     tokenizer.save_pretrained(str(path))

@@ -40,10 +40,12 @@ def _series(frame, column):
 
 
 def save_figure(fig, path: str | os.PathLike | None = None):
-    """Lay ``fig`` out tightly and, when ``path`` is given, write it (PNG at 110 dpi); returns the figure. Every llmft
-    plot ends here."""
+    """Lay ``fig`` out tightly and, when ``path`` is given, write it (PNG at 110 dpi; by the main process only when
+    several train together); returns the figure. Every llmft plot ends here."""
+    from llmft.runtime import is_main_process
+
     fig.tight_layout()
-    if path is not None:
+    if path is not None and is_main_process():
         fig.savefig(path, dpi=110)
     return fig
 

@@ -130,12 +130,13 @@ def score_answers(probe: Probe, generated: Sequence[str], model_name: str = "mod
 
 
 def run_probe(model, tokenizer, probe: Probe, *, max_new_tokens: int = 8, batch_size: int = 32,
-              model_name: str = "model", progress: bool = True):
-    """Greedy, batched answers of ``model`` to every probe item, scored."""
+              model_name: str = "model", progress: bool = True, across_processes: bool = False):
+    """Greedy, batched answers of ``model`` to every probe item, scored. ``across_processes``: under torchrun, the
+    items are split among the processes and the answers gathered (see :func:`llmft.generate_batch`)."""
     from llmft.generation import generate_batch
 
     generated = generate_batch(model, tokenizer, probe.prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               progress=progress, desc=f"probe {probe.name}")
+                               progress=progress, desc=f"probe {probe.name}", across_processes=across_processes)
     return score_answers(probe, generated, model_name)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from llmft.configs import DPOOptions, SFTOptions, check_names, field_names
 from llmft.log import say
 from llmft.models import DEFAULT_SEED
+from llmft.runtime import is_main_process
 
 SECTIONS = ("model", "data", "training", "smoke")
 TESTING_MODEL = "testing:tiny_model"
@@ -135,12 +136,18 @@ def load_rows(data: DataConfig):
     return split["train"], split["test"]
 
 
-def run_recipe(source, command: str = "train", *, smoke: bool | None = None) -> dict:
+def run_recipe(source, command: str = "train", *, smoke: bool | None = None, callbacks: list | None = None) -> dict:
     """Run a recipe (YAML path or dict) end to end: load the model, read the data, build the trainer, train (resuming
-    from ``output_dir`` after a disconnect), plot and save the adapters. ``smoke=None`` follows ``LLMFT_SMOKE``.
-    Returns a summary: output_dir, steps, final/best metric, and the paths written."""
+    from ``output_dir`` after a disconnect), plot and save the adapters. ``smoke=None`` follows ``LLMFT_SMOKE``;
+    ``callbacks``: more ``TrainerCallback`` objects for the trainer. Returns a summary: output_dir, steps, final/best
+    metric, and the paths written.
+
+    It runs unchanged as one of several processes (``torchrun --nproc_per_node=N -m llmft train recipe.yaml``, or
+    ``accelerate launch --multi_gpu``): transformers trains data parallel, every process returns the same summary, and
+    only the main one writes files."""
     import llmft
     from llmft import plots, testing
+    from llmft.callbacks import BestCheckpoint, find_callback
 
     where = str(source) if not isinstance(source, dict) else "recipe"
     smoke = testing.smoke_mode() if smoke is None else smoke
@@ -156,23 +163,26 @@ def run_recipe(source, command: str = "train", *, smoke: bool | None = None) -> 
     model, tokenizer = llmft.load_model(name, **model_options)
     train_rows, eval_rows = load_rows(data)
     build = llmft.build_trainer if command == "train" else llmft.build_dpo_trainer
-    trainer = build(model, tokenizer, train_rows, eval_rows, **recipe["training"])
+    trainer = build(model, tokenizer, train_rows, eval_rows, callbacks=callbacks, **recipe["training"])
     out = Path(trainer.args.output_dir)
-    (out / "recipe.json").write_text(json.dumps({"command": command, "smoke": smoke, **recipe}, indent=2,
-                                                default=str) + "\n")
+    writes = is_main_process(trainer.args)
+    if writes:
+        (out / "recipe.json").write_text(json.dumps({"command": command, "smoke": smoke, **recipe}, indent=2,
+                                                    default=str) + "\n")
     result = llmft.train(trainer, resume="auto")
-    plot = plots.plot_training if command == "train" else plots.plot_dpo
-    figure = plot(out, path=out / "training.png", title=command.upper())
-    import matplotlib.pyplot as plt
+    if writes:
+        plot = plots.plot_training if command == "train" else plots.plot_dpo
+        import matplotlib.pyplot as plt
 
-    plt.close(figure)
+        plt.close(plot(out, path=out / "training.png", title=command.upper()))
     adapters = llmft.save_adapters(model, tokenizer, out / "adapters")
     summary = {"output_dir": str(out), "global_step": result.global_step, "train_loss": result.training_loss,
                "config": str(out / "llmft_config.json"), "metrics": str(out / "metrics.csv"),
                "adapters": str(adapters), "plot": str(out / "training.png")}
-    best = out / "best" / "best.json"
-    if best.exists():
-        summary["best"] = json.loads(best.read_text())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    best = find_callback(trainer, BestCheckpoint)  # in memory: the same in every process (best.json is its copy)
+    if best is not None:
+        summary["best"] = best.record()
+    if writes:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     say(f"llmft {command}: {result.global_step} steps; results in {out}")
     return summary

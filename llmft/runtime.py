@@ -6,9 +6,15 @@ survive a recycled VM.
   (sm_60: current CUDA torch builds ship no kernels for it) is refused too. ``LLMFT_ALLOW_CPU=1`` (or
   ``load_model(..., allow_cpu=True)``) allows the CPU on purpose.
 - :func:`preflight`: one summary line (GPU, compute capability, VRAM, precision, torch/CUDA/Unsloth versions), printed
-  once per process by ``load_model``; Kaggle's two T4s get a note that one is used.
+  once per process by ``load_model`` (by the main process only under torchrun); Kaggle's two T4s get a note that
+  one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
   ``outputs/`` elsewhere.
+- More than one process (``torchrun --nproc_per_node=N`` or ``accelerate launch --multi_gpu``, data parallel):
+  :func:`is_main_process` says whether this process writes llmft's files and messages (only one does),
+  :func:`any_process` turns a per-process decision into one every process shares, :func:`process_rank` /
+  :func:`process_count` / :func:`launched_distributed` say where this process stands; :func:`torchrun_recipe` starts
+  a recipe on several GPUs from a notebook cell.
 """
 from __future__ import annotations
 
@@ -44,6 +50,89 @@ def on_colab() -> bool:
 
 def on_kaggle() -> bool:
     return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+def _process_group():
+    """``torch.distributed`` when a process group is up (never imports torch: the Kaggle tooling runs without it)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's once the process group is up (the trainer starts it), before
+    that the ``RANK`` every process of ``torchrun`` / ``accelerate launch`` gets, and 0 in a plain run."""
+    group = _process_group()
+    return group.get_rank() if group is not None else _int_env("RANK", 0)
+
+
+def process_count() -> int:
+    """How many processes train together (the world size): 1 in a plain run."""
+    group = _process_group()
+    return group.get_world_size() if group is not None else _int_env("WORLD_SIZE", 1)
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun, accelerate launch) started this process as one of several (``WORLD_SIZE`` > 1);
+    each process then owns one GPU, ``cuda:LOCAL_RANK``."""
+    return _int_env("WORLD_SIZE", 1) > 1
+
+
+def is_main_process(args=None) -> bool:
+    """True in the process that writes llmft's files (metrics CSV, best checkpoints, configs, plots, adapters) and
+    prints its messages: with a trainer's ``args``, transformers' own answer (``args.should_save``: process 0 of the
+    world, or of each node with ``save_on_each_node``); without, global rank 0. Always True in a plain run."""
+    if args is not None:
+        return bool(args.should_save)
+    return process_rank() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` or-ed over every process (accelerate's ``gather_object``), so a stop decision is the same everywhere: a
+    process that stopped alone would leave the others waiting in the next gradient all-reduce. Every process must
+    call it at the same point; in a plain run it returns ``flag``."""
+    if process_count() <= 1:
+        return bool(flag)
+    from accelerate.utils import gather_object
+
+    return any(gather_object([bool(flag)]))
+
+
+def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, processes: int = 2, smoke: bool = False,
+                    check: bool = True) -> int:
+    """Run a recipe file on ``processes`` GPUs from a notebook cell: ``python -m torch.distributed.run --standalone
+    --nproc_per_node=N -m llmft COMMAND RECIPE`` (that is, ``torchrun``), one process per GPU, its output printed as it
+    comes. Returns the exit status; ``check`` raises when it fails (a ``!torchrun`` line in a cell does not stop the
+    notebook when it fails).
+
+    In a Kaggle kernel where ``import llmft`` pinned GPU 0 (``CUDA_VISIBLE_DEVICES=0``), the child processes would
+    inherit the pin and share that one GPU: the pin is left out of their environment (a value you set yourself is
+    kept)."""
+    import subprocess
+
+    from llmft._unsloth import pinned_gpu
+
+    env = dict(os.environ)
+    if pinned_gpu() is not None and env.get("CUDA_VISIBLE_DEVICES") == pinned_gpu():
+        del env["CUDA_VISIBLE_DEVICES"]
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "llmft", command, str(recipe), *(["--smoke"] if smoke else [])]
+    print("llmft: torchrun " + " ".join(args[3:]), flush=True)
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        for line in child.stdout:  # a notebook shows a child's output only when the kernel prints it
+            print(line, end="", flush=True)
+    if check and child.returncode != 0:
+        raise RuntimeError(f"torchrun_recipe({str(recipe)!r}, {command!r}): the {processes} processes exited with "
+                           f"status {child.returncode}; the lines above say why (the first traceback is the cause)")
+    return child.returncode
 
 
 def cpu_allowed() -> bool:
@@ -115,7 +204,8 @@ def _version(name: str) -> str:
 
 
 def preflight(dtype=None, *, force: bool = False) -> dict:
-    """Describe the machine in one line (printed once per process unless ``force``) and return it as a dict."""
+    """Describe the machine in one line (printed once per process unless ``force``, and only by the main process when
+    several train together) and return it as a dict."""
     global _preflight_printed
     import torch
 
@@ -126,17 +216,22 @@ def preflight(dtype=None, *, force: bool = False) -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}",
                     vram_gib=round(props.total_memory / 2**30, 1))
-        if info["gpu_count"] > 1:
+        if launched_distributed():
+            info["notes"].append(f"{process_count()} processes (data parallel), one GPU each: this one on "
+                                 f"cuda:{_int_env('LOCAL_RANK', 0)} of {info['gpu_count']} visible.")
+        elif info["gpu_count"] > 1:
             info["notes"].append(f"{info['gpu_count']} GPUs visible; Unsloth trains on one. Set "
                                  "CUDA_VISIBLE_DEVICES=0 before importing torch (llmft does it on Kaggle when it is "
-                                 "imported first).")
+                                 "imported first), or launch with torchrun to train on all (README: More than one "
+                                 "GPU).")
     if on_kaggle() and os.environ.get("CUDA_VISIBLE_DEVICES") == "0":
-        info["notes"].append("Kaggle: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); a second T4 stays idle.")
+        info["notes"].append("Kaggle: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); a second T4 stays idle "
+                             "(`torchrun --nproc_per_node=2 -m llmft train ...` uses both).")
     where = (f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)" if info["gpu"]
              else "CPU (no CUDA GPU; allowed by smoke mode or LLMFT_ALLOW_CPU)")
     line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
             f"(CUDA {info['cuda'] or 'none'}) | Unsloth {info['unsloth']}")
-    if force or not _preflight_printed:
+    if (force or not _preflight_printed) and is_main_process():
         print(line + "".join(f"\n  note: {note}" for note in info["notes"]))
         _preflight_printed = True
     info["line"] = line

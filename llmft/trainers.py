@@ -130,6 +130,8 @@ class TrainerMixin:
       ``args.lr_scheduler_type``. Set it at construction or with :func:`attach_training_control`.
     - ``llmft_reports``: the data reports of the build (over-long rows, response masking), by split.
     - ``llmft_options``: the :mod:`llmft.configs` options the trainer was built with (None when built by hand).
+    - :meth:`create_optimizer` (transformers' hook) first restores the adapters' training dtype after a resume
+      (:class:`llmft.callbacks.KeepAdapterDtype`), before the model is wrapped for DDP.
     """
 
     def __init__(self, *args, lr_schedule=None, **kwargs):
@@ -137,6 +139,14 @@ class TrainerMixin:
         self.llmft_reports: dict = {}
         self.llmft_options = None
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        # Resuming, transformers has just loaded the checkpoint's adapters (PEFT upcasts them) and wraps the model for
+        # DDP next: their training dtype must be back before that (see llmft.callbacks.KeepAdapterDtype).
+        keeper = cb.find_callback(self, cb.KeepAdapterDtype)
+        if keeper is not None:
+            keeper.restore(self.model)
+        return super().create_optimizer(*args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_schedule is None or self.lr_scheduler is not None:
@@ -313,28 +323,41 @@ class DistillSFTTrainer(LlmftSFTTrainer):
         # num_items_in_batch = the response tokens of the whole accumulation window and then does NOT divide by
         # the accumulation steps, so a per-micro-batch mean here would weigh the KL x accumulation steps.
         count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
-        loss = ce / count
+        # Under DDP that count is every process's (transformers gathers it) while DDP averages the gradients over
+        # the processes: Trainer.compute_loss multiplies by the process count then, and so does this one.
+        scale = 1
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            scale = self.accelerator.num_processes
+        loss = ce / count * scale
         if config.weight > 0:
             peft_model = self.accelerator.unwrap_model(model)
             with torch.no_grad(), peft_model.disable_adapter():
                 teacher_logits = peft_model(**forward).logits
             kd_sum = kd_loss(outputs.logits, teacher_logits, labels, config.temperature,
                              config.only_where_teacher_right, reduction="sum")
-            loss = loss + config.weight * kd_sum / count
+            loss = loss + config.weight * kd_sum / count * scale
             # Averaged over the micro-batches since the last log in log(): scaled so that average is the window's KL
             # per response token (the same normalisation as the logged loss).
             steps = 1
             if num_items_in_batch is not None and model.training:
                 steps = getattr(self, "current_gradient_accumulation_steps", None) or 1
-            self._kd_logged["train" if model.training else "eval"].append(float(kd_sum.detach() / count) * steps)
+            self._kd_logged["train" if model.training else "eval"].append(
+                float(kd_sum.detach() / count) * steps * scale)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Adds the mean ``kd_loss`` since the last log (``eval_kd_loss`` for an evaluation), then logs as usual."""
+        """Adds the mean ``kd_loss`` since the last log (``eval_kd_loss`` for an evaluation, so it is among the metrics
+        ``evaluate`` returns and callbacks see), then logs as usual. Under DDP each process holds its own share: the
+        logged value is their mean, as for transformers' loss."""
+        import torch
+
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         values = self._kd_logged[mode]
         if values:
-            logs = {**logs, ("eval_kd_loss" if mode == "eval" else "kd_loss"): sum(values) / len(values)}
+            value = sum(values) / len(values)
+            if self.args.world_size > 1:  # every process logs here, with as many values: a symmetric all-gather
+                value = self.accelerator.gather(torch.tensor([value], device=self.args.device)).mean().item()
+            logs["eval_kd_loss" if mode == "eval" else "kd_loss"] = value  # in place: evaluate() passes its metrics
             values.clear()
         return super().log(logs, *args, **kwargs)
 
@@ -466,11 +489,50 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return found[-1][2] if found else None
 
 
+_indexed_cpu_registered = False
+
+
+def _restore_on_indexed_cpu(storage, location: str):
+    return storage if location.startswith("cpu:") and location[4:].isdigit() else None
+
+
+def _allow_indexed_cpu_map_location() -> None:
+    """Several processes on CPUs only (gloo): accelerate gives each the device ``cpu:0``, transformers' resume passes
+    ``map_location=args.device`` to ``torch.load`` for the optimizer state when ``world_size > 1``, and torch knows no
+    ``cpu:0`` location ("don't know how to restore data location ... (tagged with cpu:0)"). A deserializer registered
+    through torch's public ``torch.serialization.register_package`` keeps such storages on the CPU. (On GPUs the
+    location is ``cuda:N``, which torch restores.)"""
+    global _indexed_cpu_registered
+    if not _indexed_cpu_registered:
+        import torch.serialization
+
+        torch.serialization.register_package(11, lambda storage: None, _restore_on_indexed_cpu)
+        _indexed_cpu_registered = True
+
+
+def _load_root_adapter(trainer, checkpoint: str) -> None:
+    """Resuming a PEFT model with several adapters, transformers (``Trainer._load_from_checkpoint``) loads only the
+    adapters in the checkpoint's subdirectories; PEFT saves the one named ``default`` at the checkpoint's root. With
+    TRL's DPO reference copy (``ref/``) the trained policy would restart from its initialisation while the optimizer,
+    schedule and step resume (measured: the DPO loss back at ln 2 on the first resumed step). Load it with PEFT's
+    ``load_adapter``, as transformers does when there is a single adapter."""
+    from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
+
+    def saved(folder: Path) -> bool:
+        return any((folder / name).exists() for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME))
+
+    root, model = Path(checkpoint), trainer.model
+    if ("default" in getattr(model, "peft_config", {}) and saved(root)
+            and any(saved(child) for child in root.iterdir() if child.is_dir())):
+        model.load_adapter(str(root), "default", is_trainable=True)
+
+
 def train(trainer, resume: bool | str | None = "auto"):
     """Train, resuming after a disconnect: ``resume="auto"`` continues from the newest complete checkpoint in the
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
     over) and starts fresh otherwise; ``True`` requires a checkpoint; a path resumes from that checkpoint;
-    ``False``/``None`` always starts fresh."""
+    ``False``/``None`` always starts fresh. Under torchrun every process resumes from the same checkpoint (its own RNG
+    state included)."""
     checkpoint = None
     if resume in ("auto", True):
         checkpoint = latest_checkpoint(trainer.args.output_dir)
@@ -483,4 +545,7 @@ def train(trainer, resume: bool | str | None = "auto"):
             raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint (no trainer_state.json)")
     if checkpoint:
         say(f"llmft.train: resuming from {checkpoint}")
+        _load_root_adapter(trainer, checkpoint)
+        if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
+            _allow_indexed_cpu_map_location()
     return trainer.train(resume_from_checkpoint=checkpoint)
