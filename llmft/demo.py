@@ -24,7 +24,7 @@ from pathlib import Path
 
 from llmft import testing
 from llmft._unsloth import pinned_cpu_precision
-from llmft.experiments import mcq_accuracy, run_experiment, summarize
+from llmft.experiments import mcq_accuracy, repair_hook, run_experiment, summarize, with_repaired
 from llmft.log import quiet_libraries, say
 
 BASE_RUN = "base (no fine-tuning)"
@@ -63,7 +63,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
 
     matplotlib.use("Agg")
     import llmft
-    from llmft import analysis, callbacks, mcq, plots, probes, templates
+    from llmft import callbacks, mcq, plots, probes, templates
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -82,16 +82,8 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     # Only CURVE_RUN evaluates (a few held-out questions, for the live probe); nothing saves checkpoints.
     variants = {name: {**options, **({"eval_strategy": "steps", "probes": live} if name == CURVE_RUN
                                      else {"eval_strategy": "no"})} for name, options in runs}
-    repairs = []
-
-    def repair(name, model, tokenizer, trainer):
-        if name != CURVE_RUN:
-            return None
-        result = analysis.repair_sweep(model, tokenizer, probe, task, lambdas=REPAIR_LAMBDAS)
-        chosen = result.table[result.table["chosen"]].iloc[0]
-        repairs.append(result.table.assign(seed=trainer.args.seed))
-        return {"repair_lambda": float(chosen["mitigation_lambda"]), "repair_probe": float(chosen["probe"]),
-                "repair_task": float(chosen["task"])}
+    sweeps = {}
+    repair = repair_hook(CURVE_RUN, probe, task, REPAIR_LAMBDAS, sweeps=sweeps)
 
     n_runs = len(variants) * len(seeds)
     say(f"[2/4] {n_runs} LoRA runs ({', '.join(variants)}; seeds {', '.join(map(str, seeds))}), each probed and "
@@ -110,12 +102,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     del model, tokenizer
 
     say("[3/4] mean and spread over seeds, frontier and forgetting curve", verbose)
-    table = experiment.table
-    repaired = table[table["run"] == CURVE_RUN].assign(run=REPAIR_RUN, probe_accuracy=lambda t: t["repair_probe"],
-                                                        mcq_accuracy=lambda t: t["repair_task"])
-    import pandas as pd
-
-    table = pd.concat([table, repaired], ignore_index=True)
+    table = with_repaired(experiment.table, CURVE_RUN, "mcq_accuracy", REPAIR_RUN)
     summary = summarize(table, ["probe_accuracy", "mcq_accuracy", "steps", "train_seconds"])
     figures = {"frontier": str(out / "frontier.png"), "forgetting_curve": str(out / "forgetting_curve.png")}
     plots.plot_frontier(summary, "mcq_accuracy", "probe_accuracy", figures["frontier"], baseline=baseline,
@@ -130,6 +117,8 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     plt.close("all")
 
     say("[4/4] summary", verbose)
+    import pandas as pd
+
     checks = _checks(summary, baseline)
     results = {"precision": pinned, "probe_items": len(probe.prompts), "mcq_train_rows": len(rows),
                "mcq_val_rows": len(val), "seeds": seeds, "batch_size": batch_size, "learning_rate": learning_rate,
@@ -137,7 +126,8 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
                "summary": json.loads(summary.to_json(orient="records")),
                "runs": json.loads(table[["run", "seed", "steps", "probe_accuracy", "probe_headline", "mcq_accuracy",
                                          "train_seconds"]].to_json(orient="records")),
-               "repair_sweeps": json.loads(pd.concat(repairs).to_json(orient="records")) if repairs else [],
+               "repair_sweeps": json.loads(pd.concat([r.table.assign(seed=seed) for seed, r in sweeps.items()])
+                                         .to_json(orient="records")) if sweeps else [],
                "checks": checks, "figures": figures}
     experiment.answers.to_csv(out / "probe_answers.csv", index=False)
     results.update(seconds=round(time.time() - started, 1), probe_answers=str(out / "probe_answers.csv"))

@@ -60,6 +60,38 @@ def summarize(table, columns: Sequence[str], by: str = "run"):
     return summary.reset_index()
 
 
+def repair_hook(run: str, probe, task: Callable, lambdas: Sequence[float] = (1.0, 0.5, 0.0), *,
+                sweeps: dict | None = None, save: bool = False) -> Callable:
+    """An ``on_run`` hook for :func:`run_experiment`: sweeps the intruder-dimension repair
+    (:func:`llmft.analysis.repair_sweep`) of run ``run``'s adapter while it is loaded and adds ``repair_lambda``,
+    ``repair_probe`` and ``repair_task`` (the chosen λ and its scores) to that run's row. ``sweeps`` (a dict) receives
+    each :class:`~llmft.analysis.RepairResult` by seed; ``save`` writes the chosen adapter to ``<run dir>/repaired``."""
+    from llmft import analysis
+
+    def hook(name, model, tokenizer, trainer):
+        if name != run:
+            return None
+        result = analysis.repair_sweep(model, tokenizer, probe, task, lambdas=lambdas,
+                                       save_dir=f"{trainer.args.output_dir}/repaired" if save else None)
+        if sweeps is not None:
+            sweeps[trainer.args.seed] = result
+        chosen = result.table[result.table["chosen"]].iloc[0]
+        return {"repair_lambda": float(chosen["mitigation_lambda"]), "repair_probe": float(chosen["probe"]),
+                "repair_task": float(chosen["task"])}
+
+    return hook
+
+
+def with_repaired(table, run: str, task: str, name: str | None = None, probe: str = "probe_accuracy"):
+    """``table`` plus one row per repaired ``run`` (from :func:`repair_hook`'s columns) as a run of its own, named
+    ``name`` (default "<run> + intruder repair"), with the repaired scores in the ``probe`` and ``task`` columns."""
+    import pandas as pd
+
+    repaired = table[table["run"] == run].assign(run=name or f"{run} + intruder repair")
+    repaired[probe], repaired[task] = repaired["repair_probe"], repaired["repair_task"]
+    return pd.concat([table, repaired], ignore_index=True)
+
+
 def _evaluate(name: str, model, tokenizer, probes: dict, scorers: dict, progress: bool):
     from llmft.probes import run_probe
 
