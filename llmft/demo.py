@@ -99,7 +99,8 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     steps_per_epoch = -(-len(rows) // batch_size)
     live = callbacks.ProbeCallback([probe], tokenizer, max_items=32)  # the live forgetting curve (32 windows)
     # Only CURVE_RUN evaluates (a few held-out questions, for the live probe); nothing saves checkpoints.
-    variants = {name: {**options, **({"eval_strategy": "steps", "probes": live} if name == CURVE_RUN
+    variants = {name: {**options, **({"eval_strategy": "steps", "eval_on_start": True, "probes": live}
+                                     if name == CURVE_RUN
                                      else {"eval_strategy": "no"})} for name, options in runs}
     sweeps = {}
     repair = repair_hook(CURVE_RUN, probe, task, REPAIR_LAMBDAS, sweeps=sweeps)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from llmft.log import say
+from llmft.log import repeats_hidden, say
 from llmft.models import DEFAULT_SEED
 
 
@@ -156,7 +156,9 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
     load_options, trainer_options = dict(load_options or {}), dict(trainer_options or {})
     out = Path(output_dir)
     rows, answers, runs = [], [], {}
-    model, tokenizer = loaded if loaded is not None else llmft.load_model(base, **load_options)
+    load_messages = set()
+    with repeats_hidden(load_messages):
+        model, tokenizer = loaded if loaded is not None else llmft.load_model(base, **load_options)
     default_seed = trainer_options.get("seed", load_options.get("seed", DEFAULT_SEED))
     if include_base:
         say(f"experiment: evaluating the base ({base_name})", verbose)
@@ -169,7 +171,8 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
         say(f"experiment: run {index + 1}/{len(plan)}: {name}" + (f" (seed {seed})" if seeds else ""), verbose)
         if index or (seeds and seed != load_options.get("seed", seed)):
             _free(model)
-            model, tokenizer = llmft.load_model(base, **{**load_options, **({"seed": seed} if seeds else {})})
+            with repeats_hidden(load_messages):  # Unsloth prints the same line at every load
+                model, tokenizer = llmft.load_model(base, **{**load_options, **({"seed": seed} if seeds else {})})
         run_dir = out / run_slug(name) / (f"seed-{seed}" if seeds else "")
         trainer = llmft.build_trainer(model, tokenizer, train_dataset, eval_dataset, verbose=False,
                                       **{**trainer_options, "output_dir": str(run_dir), "seed": seed, **options})

@@ -11,6 +11,7 @@ message to the current ``sys.stdout`` at level INFO. ``verbose=False`` in a func
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 
@@ -65,3 +66,19 @@ def quiet_libraries():
             datasets.enable_progress_bars()
         if transformers_on:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def repeats_hidden(seen: set):
+    """Within the block, a line printed to stdout is shown only if no block sharing ``seen`` printed it before: a
+    library's identical message at each of many model loads appears once, and every new line (a warning) appears.
+    The block's output is shown when it ends, also when it fails."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line not in seen:
+                seen.add(line)
+                print(line)

@@ -43,6 +43,7 @@ def test_runs_each_variant_from_the_same_base(tiny_dir, tmp_path):
 def test_seeds_repeat_every_variant_and_summarize_gives_mean_and_spread(tiny_dir, tmp_path, capsys):
     _, tokenizer = llmft.load_model(tiny_dir, max_seq_length=256, lora_r=None)
     rows = llmft.mcq_rows(testing.tiny_codemmlu(16), eos_token=tokenizer.eos_token, verbose=False)
+    capsys.readouterr()
     result = experiments.run_experiment(
         tiny_dir, {"2 steps": dict(max_steps=2)}, rows.select_columns(["text"]), output_dir=str(tmp_path),
         load_options=dict(max_seq_length=256, lora_r=8), scorers={"mcq": experiments.mcq_accuracy(rows)},
@@ -50,7 +51,9 @@ def test_seeds_repeat_every_variant_and_summarize_gives_mean_and_spread(tiny_dir
         trainer_options=dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-2,
                              instruction_part=templates.MCQ_INSTRUCTION_PART,
                              response_part=templates.MCQ_RESPONSE_PART, logging_steps=1))
-    assert "{'loss'" not in capsys.readouterr().out  # no dict per log on the console: metrics.csv has them
+    out = capsys.readouterr().out
+    assert "{'loss'" not in out  # no dict per log on the console: metrics.csv has them
+    assert out.count("Unsloth (CPU): LlamaForCausalLM") == 1  # three loads, Unsloth's identical line shown once
     table = result.table
     assert list(table["run"]) == ["base", "2 steps", "2 steps"] and list(table["seed"])[1:] == [1, 2]
     first, second = (llmft.load_metrics(tmp_path / "2_steps" / f"seed-{s}") for s in (1, 2))
