@@ -18,14 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import llmft  # noqa: E402  (Unsloth first)
 from llmft import testing  # noqa: E402
+from llmft.log import quiet_libraries  # noqa: E402
 
 
 def make(out, steps, probed):
     model, tokenizer = llmft.load_model(str(testing.tiny_model_dir()), max_seq_length=128, lora_r=8, seed=0)
     chats = llmft.sharegpt_to_messages(testing.tiny_finetome(96), verbose=False)
     extra = {"probes": [llmft.probes.fibonacci_probe()]} if probed else {}
-    return llmft.build_trainer(model, tokenizer, chats.select(range(80)), chats.select(range(80, 96)),
-                               output_dir=out, max_steps=steps, verbose=False, disable_tqdm=True, **extra)
+    trainer = llmft.build_trainer(model, tokenizer, chats.select(range(80)), chats.select(range(80, 96)),
+                                  output_dir=out, max_steps=steps, verbose=False, disable_tqdm=True, **extra)
+    return llmft.callbacks.quiet_console(trainer, progress=False)  # the numbers, not a dict per logging step
 
 
 def main() -> None:
@@ -38,7 +40,7 @@ def main() -> None:
     shares, evaluations, steps_done = [], 0, set()
     for _ in range(args.repeats):
         for kind in ("plain", "probed"):
-            with tempfile.TemporaryDirectory() as out:
+            with tempfile.TemporaryDirectory() as out, quiet_libraries():
                 trainer = make(out, args.steps, kind == "probed")
                 start = time.perf_counter()
                 trainer.train()
