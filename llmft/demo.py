@@ -148,7 +148,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
                                          "train_seconds"]].to_json(orient="records")),
                "repair_sweeps": json.loads(pd.concat([r.table.assign(seed=seed) for seed, r in sweeps.items()])
                                          .to_json(orient="records")) if sweeps else [],
-               "checks": checks, "figures": figures}
+               "checks": checks, "versus_1_epoch": _versus(summary, CURVE_RUN), "figures": figures}
     experiment.answers.to_csv(out / "probe_answers.csv", index=False)
     results.update(seconds=round(time.time() - started, 1), probe_answers=str(out / "probe_answers.csv"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -183,6 +183,20 @@ def _checks(summary, baseline: float) -> dict:
     }
 
 
+def _versus(summary, reference: str) -> list[dict]:
+    """Each later run against ``reference``: the difference of the means of the probe and the task, and whether it is
+    larger than the spread across seeds (the larger of the two runs' sd)."""
+    ref, rows = _row(summary, reference), summary.to_dict("records")
+    out = []
+    for r in rows[[x["run"] for x in rows].index(reference) + 1:]:
+        item = {"run": r["run"]}
+        for key in ("probe_accuracy", "mcq_accuracy"):
+            delta, spread = r[f"{key}_mean"] - ref[f"{key}_mean"], max(r[f"{key}_sd"], ref[f"{key}_sd"])
+            item[key] = {"delta": round(delta, 4), "sd": round(spread, 4), "beyond_spread": bool(abs(delta) > spread)}
+        out.append(item)
+    return out
+
+
 def _summary_markdown(summary, results: dict) -> str:
     pinned, baseline = results["precision"], results["majority_baseline"]
     n_seeds, checks = len(results["seeds"]), results["checks"]
@@ -202,6 +216,12 @@ def _summary_markdown(summary, results: dict) -> str:
     for check in checks.values():
         verdict = "yes" if check["holds"] else "**no**"
         lines.append(f"- {check['what']}: {verdict} (margin {check['margin']:+.2f}, sd {check['sd']:.2f})")
+    lines += ["", f"**Against the {CURVE_RUN} run** (difference of means; \"within the spread\" when it is not larger "
+              "than the larger sd of the two):", ""]
+    for item in results["versus_1_epoch"]:
+        parts = [f"{label} {item[key]['delta']:+.2f}" + ("" if item[key]["beyond_spread"] else " (within the spread)")
+                 for label, key in (("Fibonacci probe", "probe_accuracy"), ("MCQ accuracy", "mcq_accuracy"))]
+        lines.append(f"- {item['run']}: " + ", ".join(parts))
     lines += ["", "**Caveats**: a 0.8M-parameter model and a synthetic task, not CodeMMLU; the repair row is the "
               "λ the sweep chose per seed (largest probe gain within 0.02 of the task score; "
               f"λ ∈ {list(REPAIR_LAMBDAS)}). "

@@ -93,5 +93,22 @@ def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "The CodeMMLU report's claim" in summary and "Computed in float32 with 2 CPU thread" in summary
     assert summary.count("\n| ") == 1 + len(names)  # header + one row per run
+    assert [v["run"] for v in results["versus_1_epoch"]] == names[3:]
+    assert "- 1 epoch + KD: Fibonacci probe " in summary
     for name in ("frontier.png", "forgetting_curve.png", "probe_answers.csv"):
         assert (out / name).exists(), name
+
+def test_forgetting_demo_compares_runs_against_the_spread():
+    import pandas as pd
+
+    from llmft.demo import _versus
+    from llmft.experiments import summarize
+
+    table = pd.DataFrame({"run": ["1 epoch"] * 2 + ["KD"] * 2 + ["noise"] * 2,
+                          "probe_accuracy": [0.80, 0.84, 0.96, 1.00, 0.70, 0.94],
+                          "mcq_accuracy": [0.50, 0.52, 0.30, 0.32, 0.51, 0.51]})
+    kd, noise = _versus(summarize(table, ["probe_accuracy", "mcq_accuracy"]), "1 epoch")
+    assert kd["run"] == "KD" and kd["probe_accuracy"]["delta"] == pytest.approx(0.16)
+    assert kd["probe_accuracy"]["beyond_spread"] and kd["mcq_accuracy"]["beyond_spread"]  # sd 0.028 and 0.014
+    assert noise["probe_accuracy"]["delta"] == pytest.approx(-0.0) and not noise["probe_accuracy"]["beyond_spread"]
+    assert noise["probe_accuracy"]["sd"] == pytest.approx(0.1697, abs=1e-4)  # the larger sd of the two runs
