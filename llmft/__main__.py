@@ -3,7 +3,7 @@
   train      run an SFT recipe file (YAML; see recipes/01_sft.yaml): load, data, train, plots, adapters
   dpo        run a DPO recipe file (see recipes/02_dpo.yaml)
   demo       the main job: the CodeMMLU report's learning-vs-forgetting finding measured offline over several seeds
-             on the tiny base shipped with llmft (see llmft/demo.py), about three minutes on 2 CPU cores
+             on the tiny base shipped with llmft (see llmft/demo.py), about two minutes on 2 CPU cores
   sft-demo   the foundation path end to end: SFT on FineTome-shaped data, evaluation, adapters saved and reloaded
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ The CodeMMLU report fine-tuned on multiple-choice questions and found that 0.2 e
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import time
@@ -64,10 +65,6 @@ def _frozen_heap():
     torch, transformers and Unsloth: hundreds of thousands of objects that live as long as the process). Each full
     collection (one per run here, by accelerate and by :func:`llmft.experiments.run_experiment`) then takes about 1 ms
     instead of 0.3 s. ``gc.freeze`` is the standard library's own remedy for this."""
-    import gc
-
-    import llmft  # noqa: F401  (the heavy imports, done before freezing)
-
     gc.collect()
     gc.freeze()
     try:
