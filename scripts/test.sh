@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Runs the test suite in both of Unsloth's CPU precisions, as CI does:
-#   bash scripts/test.sh [pytest args...]
-# Unsloth's CPU mode computes in bf16 where the CPU has native bf16 (AMX / AVX512-BF16) and in fp32 elsewhere, so the
-# same suite must hold both ways; UNSLOTH_CPU_BF16=0/1 forces either (bf16 is emulated, hence slower, on CPUs without
-# it). Each run prints its own pytest summary line (with its time); the script fails if either run fails.
+# The test suite, as CI runs it (the README's test command):
+#   bash scripts/test.sh               both tiers, fast and slow (notebooks, two-process jobs, installs, demos,
+#                                      kill-and-resume, the real-model tier)
+#   bash scripts/test.sh --fast        the fast tier only: the developer's loop (same as a plain `python -m pytest`,
+#                                      plus the second precision pass)
+#   bash scripts/test.sh [--fast] ARGS extra pytest arguments, e.g. -k resume, -x
+# Two passes. Pass 1 runs every selected test once with UNSLOTH_CPU_BF16=0 (fp32). Pass 2 runs the `numeric` tests
+# again with UNSLOTH_CPU_BF16=1: Unsloth's CPU mode computes in bf16 where the CPU has native bf16 (AMX /
+# AVX512-BF16) and in fp32 elsewhere, and a test whose verdict depends on that precision must hold both ways. Each
+# pass prints its 15 slowest tests and its summary line with its time; the script fails if either pass fails.
+# Every test has a timeout (pyproject.toml, pytest-timeout): a hang fails with the test's name.
 set -uo pipefail
+tier="not wheelhouse"
+if [ "${1:-}" = "--fast" ]; then
+  tier="not slow and not wheelhouse"
+  shift
+fi
 status=0
-for bf16 in 0 1; do
-  echo "=== pytest with UNSLOTH_CPU_BF16=$bf16 ==="
-  UNSLOTH_CPU_BF16=$bf16 python -m pytest "$@" || status=1  # pytest's last line gives the run's time
-done
+echo "=== pass 1: every test ($tier) once, UNSLOTH_CPU_BF16=0 ==="
+UNSLOTH_CPU_BF16=0 python -m pytest -m "$tier" --durations=15 "$@" || status=1
+echo "=== pass 2: the numeric tests ($tier) again, UNSLOTH_CPU_BF16=1 ==="
+UNSLOTH_CPU_BF16=1 python -m pytest -m "numeric and ($tier)" --durations=15 "$@"
+rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=1; fi  # 5: the extra arguments selected no numeric test
 exit $status

@@ -12,6 +12,8 @@ from llmft.generation import generate_batch
 
 from conftest import BF16, TOL
 
+pytestmark = pytest.mark.numeric  # SVDs and scores of weights trained in Unsloth's CPU precision
+
 matplotlib.use("Agg")
 PLANTED = "base_model.model.model.layers.0.self_attn.q_proj"
 PROMPTS = ["Continue: 1, 1, 2, 3, 5, 8", "What is 3 plus 4?"]

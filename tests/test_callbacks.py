@@ -41,6 +41,7 @@ def _sft(model, tokenizer, data, out, **kw):
                                **{**options, **kw})
 
 
+@pytest.mark.numeric
 def test_sft_early_stops_at_the_right_evaluation(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
     # Pretend a higher eval loss is better: every evaluation after the first is then "worse".
@@ -52,6 +53,7 @@ def test_sft_early_stops_at_the_right_evaluation(lora_model, chat_dataset, tmp_p
     assert stopper.stopped_at_step == 12 and stopper.bad_evaluations == 2
 
 
+@pytest.mark.numeric
 def test_sft_best_checkpoint_on_disk_is_the_best_one(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
     trainer = _sft(model, tokenizer, chat_dataset, tmp_path, max_steps=24, learning_rate=2e-2, keep_best=2,
@@ -142,6 +144,7 @@ def _dpo_rows(n=24):
     return rows
 
 
+@pytest.mark.numeric
 def test_same_callbacks_early_stop_a_dpo_run_on_a_dpo_metric(lora_model, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer

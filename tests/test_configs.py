@@ -92,6 +92,7 @@ def test_distill_trainer_is_a_module_level_class():
     assert issubclass(Mine, trainers.TrainerMixin)
 
 
+@pytest.mark.slow
 def test_offline_switch_reaches_libraries_that_were_already_imported(tmp_path):
     code = ("import llmft, huggingface_hub.constants as hub, datasets.config as ds\n"
             "before = hub.is_offline_mode()\n"

@@ -22,6 +22,7 @@ def _one_step(tiny_dir, dataset, tmp_path, batch, accumulation, weight=0.5):
     return next(row for row in trainer.state.log_history if "loss" in row)
 
 
+@pytest.mark.numeric
 def test_kd_loss_is_the_same_for_batch_4x1_and_1x4(tiny_dir, chat_dataset, tmp_path):
     rows = chat_dataset.select(range(4))
     whole = _one_step(tiny_dir, rows, tmp_path, batch=4, accumulation=1)

@@ -20,7 +20,7 @@ import yaml
 
 from llmft import callbacks, runtime
 
-from conftest import BF16, REPO
+from conftest import BF16, REPO, same_after_resume
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this torch build")
@@ -111,14 +111,13 @@ def _check_ranks_agree(reports):
 def _check_same_values(rows, reference_rows, train_keys, eval_keys):
     """The resumed run IS the uninterrupted one: bit for bit in fp32, within rounding in bf16 (as tests/test_resume.py
     checks for one process); the learning rate comes from the restored scheduler alone: exact in both."""
-    close = (lambda a, b: a == b) if not BF16 else (lambda a, b: a == pytest.approx(b, rel=2e-2, abs=1e-3))
     reference = {(int(r["step"]), r["event"]): r for r in reference_rows}
     assert set(reference) == {(int(r["step"]), r["event"]) for r in rows}
     keys = {"train": train_keys, "eval": eval_keys, "summary": ("train_loss",)}
     for row in rows:
         ref = reference[(int(row["step"]), row["event"])]
         for key in keys[row["event"]]:
-            assert close(float(row[key]), float(ref[key])), (row["step"], row["event"], key, row[key], ref[key])
+            assert same_after_resume(row, ref, key), (row["step"], row["event"], key, row[key], ref[key])
         if row["event"] == "train":
             assert float(row["learning_rate"]) == float(ref["learning_rate"])
 
@@ -139,6 +138,7 @@ def sft_reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_sft_recipe_on_two_processes_writes_once_and_stops_early(sft_reference, tmp_path, launcher):
     """Before llmft was rank-aware, both processes rewrote metrics.csv through one temporary file: 6 runs of 8 crashed
@@ -162,6 +162,8 @@ def test_sft_recipe_on_two_processes_writes_once_and_stops_early(sft_reference, 
     assert best["metric"] == "eval_loss" and (out / "adapters" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.numeric
+@pytest.mark.slow
 def test_killed_sft_run_resumes_under_torchrun_to_the_same_end(sft_reference, tmp_path):
     recipe, out = _recipe(tmp_path, "sft", "train")
     killed = _worker("train", recipe, tmp_path / "killed", tmp_path, kill_at=STOP_AT - 2)
@@ -181,6 +183,8 @@ def test_killed_sft_run_resumes_under_torchrun_to_the_same_end(sft_reference, tm
     _check_same_values(rows, _rows(sft_reference), ("loss", "grad_norm", "num_tokens"), ("eval_loss",))
 
 
+@pytest.mark.numeric
+@pytest.mark.slow
 def test_retention_guard_and_distillation_on_two_processes(tmp_path):
     """The probe is scored by both processes on their halves of its items and gathered, so the guard sees the same
     score everywhere: the tiny model never answers the Fibonacci probe (0 < 1.0), and with patience 2 both processes
@@ -216,6 +220,8 @@ def test_retention_guard_and_distillation_on_two_processes(tmp_path):
         assert float(first[0][key]) == pytest.approx(float(first[1][key]), **tolerance), key
 
 
+@pytest.mark.numeric
+@pytest.mark.slow
 def test_dpo_recipe_under_torchrun_killed_and_resumed(tmp_path):
     """The DPO recipe from the command line (uninterrupted), then killed after a checkpoint and resumed: the same
     end, one writer, and the same metrics in both processes (TRL gathers DPO's rewards over the processes)."""

@@ -115,6 +115,7 @@ def _lora(model, adapter):
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
 
 
+@pytest.mark.numeric
 def test_reference_is_the_adapter_disabled_model_not_a_second_model(lora_model, pairs, tmp_path):
     model, tokenizer = lora_model
     gc.collect()
@@ -141,6 +142,7 @@ def test_reference_is_the_adapter_disabled_model_not_a_second_model(lora_model, 
     assert torch.allclose(base_logits, ref_logits, atol=1e-6)
 
 
+@pytest.mark.numeric
 def test_dpo_from_sft_adapters_keeps_them_as_reference(lora_model, pairs, tmp_path):
     model, tokenizer = lora_model
     with torch.no_grad():  # stand-in for SFT: adapters that differ from the base
@@ -173,6 +175,7 @@ class _Snapshots(TrainerCallback):
                                       if ".default." in n}
 
 
+@pytest.mark.numeric
 def test_dpo_run_logs_rewards_early_stops_and_keeps_the_best(lora_model, pairs, tmp_path):
     model, tokenizer = lora_model
     snapshots = _Snapshots()

@@ -6,6 +6,7 @@ from llmft import generation, templates
 from conftest import CHAT_PROMPTS
 
 
+@pytest.mark.numeric
 def test_batched_greedy_equals_one_by_one_and_returns_only_new_text(lora_model):
     model, tokenizer = lora_model
     batched = llmft.generate_batch(model, tokenizer, CHAT_PROMPTS, batch_size=4, max_new_tokens=10, progress=False)
@@ -16,6 +17,7 @@ def test_batched_greedy_equals_one_by_one_and_returns_only_new_text(lora_model):
     assert tokenizer.padding_side == "right"  # restored after left-padded generation
 
 
+@pytest.mark.numeric
 def test_alpaca_strings_and_greedy_response(lora_model):
     model, tokenizer = lora_model
     prompt = templates.format_alpaca("Continue the fibonnaci sequence.", "1, 1, 2, 3, 5, 8")

@@ -44,7 +44,7 @@ def test_every_notebook_has_the_one_install_cell():
 
 # --- the constraints that keep the image's torch -------------------------------------------------------------------
 
-@pytest.mark.precision_independent
+@pytest.mark.slow
 def test_constraints_file_holds_exactly_the_images_torch_stack(tmp_path):
     out = tmp_path / "image-constraints.txt"
     subprocess.run([sys.executable, str(REPO / "scripts" / "image_constraints.py"), str(out)], check=True)
@@ -75,7 +75,7 @@ def _fake_wheel(folder: Path, name: str, version: str, *requires: str) -> None:
         wheel.writestr(f"{dist}/RECORD", "")
 
 
-@pytest.mark.precision_independent
+@pytest.mark.slow
 def test_xformers_is_never_pinned_to_a_build_that_needs_another_torch(tmp_path):
     """xformers 0.0.35 needs torch>=2.10. Under the image's constraints pip must pick the build made for the image's
     torch (here a fake 2.6.0+cu124 image) with install.sh's own xformers requirement; without them it would take
@@ -163,7 +163,7 @@ def _run_notebook(cells, tmp_path, python, env, *, offline=False) -> dict:
     return json.loads(result.read_text())
 
 
-@pytest.mark.precision_independent
+@pytest.mark.slow
 def test_install_cell_makes_llmft_importable_in_the_same_kernel_and_keeps_torch(fresh_python, tmp_path):
     before = _torch_version(fresh_python)
     check = ("import importlib.metadata as md, torch, llmft\n"
@@ -183,7 +183,7 @@ def test_install_cell_makes_llmft_importable_in_the_same_kernel_and_keeps_torch(
     assert unsloth == "2026.10.9"
 
 
-@pytest.mark.precision_independent
+@pytest.mark.slow
 def test_a_failing_install_step_stops_the_notebook_and_says_how_to_retry(fresh_python, tmp_path):
     result = _run_notebook([INSTALL_CELL, "print('the next cell ran')"], tmp_path, fresh_python,
                            {"LLMFT_REPO": str(tmp_path / "no-such-repository")})

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
 
-import llmft
+import llmft  # first: imports Unsloth before transformers
 from llmft import callbacks, data, probes, testing
+from transformers import TrainerCallback  # noqa: E402
 
 
 def _rows(out):
@@ -57,6 +57,7 @@ def _sft(model, tokenizer, chats, out, **kw):
                                **{**options, **kw})
 
 
+@pytest.mark.numeric
 def test_probe_scores_current_weights_at_every_evaluation_and_leaves_training_unchanged(tiny_dir, lora_model,
                                                                                         chat_dataset, tmp_path):
     model, tokenizer = lora_model
@@ -171,6 +172,7 @@ def test_retention_state_survives_a_resume_and_a_missing_probe_is_named():
         guard.on_evaluate(None, _State, _Control, metrics={"eval_loss": 1.0})
 
 
+@pytest.mark.numeric
 def test_resumed_run_keeps_the_guard_state_and_the_probe_first(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
 

@@ -92,6 +92,7 @@ def test_fractional_epoch_training_on_the_answer_only(lora_model, mcq_data, tmp_
     assert (tmp_path / "metrics.csv").exists()
 
 
+@pytest.mark.numeric
 def test_constrained_scoring_matches_a_direct_computation(lora_model, mcq_data):
     model, tokenizer = lora_model
     prompts, n = list(mcq_data["prompt"][:5]), [2, 3, 4, 4, 4]

@@ -61,6 +61,7 @@ def test_dtype_policy_on_this_machine():
         torch.float16, torch.bfloat16)
 
 
+@pytest.mark.numeric
 def test_adapters_round_trip_gives_identical_generations(lora_model, tmp_path):
     model, tokenizer = lora_model
     with torch.no_grad():  # move the adapters away from their zero init so the test can tell them from the base
@@ -118,6 +119,7 @@ print("CVD=" + os.environ["CUDA_VISIBLE_DEVICES"])
 """
 
 
+@pytest.mark.slow
 def test_import_order_and_kaggle_gpu_pin_in_a_fresh_interpreter():
     """`import llmft` loads Unsloth before trl/transformers/peft, and on Kaggle's 2xT4 pins GPU 0 before torch."""
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
@@ -130,6 +132,7 @@ def test_import_order_and_kaggle_gpu_pin_in_a_fresh_interpreter():
     assert "CVD=0" in out.stdout and "Kaggle detected" in out.stdout
 
 
+@pytest.mark.numeric
 def test_merged_export_reloads_as_a_plain_model_with_the_same_outputs(tiny_dir, tmp_path):
     # Unsloth's CPU mode merges only a 16-bit base (a 4-bit merge needs the GPU path, not run here).
     model, tokenizer = llmft.load_model(tiny_dir, max_seq_length=128, lora_r=8, load_in_4bit=False)

@@ -35,6 +35,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_in_smoke_mode(path, workdir, monkeypatch):
     monkeypatch.setenv("LLMFT_SMOKE", "1")

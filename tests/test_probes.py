@@ -43,6 +43,7 @@ def test_custom_probes():
         probes.custom_probe("x", dataset=ds)
 
 
+@pytest.mark.numeric
 def test_probe_on_base_vs_adapters_and_across_checkpoints(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
     probe = probes.fibonacci_probe(max_items=6)
@@ -81,6 +82,7 @@ def test_kd_loss_zero_for_identical_positive_otherwise():
     assert none_right.item() == 0.0  # the all-zero teacher predicts token 0, never a label here: nothing distilled
 
 
+@pytest.mark.numeric
 def test_distillation_uses_the_adapter_disabled_model_as_teacher(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
     gc.collect()

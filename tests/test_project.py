@@ -12,7 +12,7 @@ from llmft.plots import load_metrics
 
 from conftest import REPO
 
-PRECISION_ENV = os.environ.get("UNSLOTH_CPU_BF16")  # as the suite was started (scripts/test.sh sets 0, then 1)
+PRECISION_ENV = os.environ.get("UNSLOTH_CPU_BF16")  # as the suite was started (scripts/test.sh sets 0 or 1)
 
 
 def _readme_commands():
@@ -28,7 +28,10 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     assert "scripts/test.sh" in tests and "scripts/install.sh --dev" in tests
     assert tests in (REPO / ".ci" / "run").read_text()
     runner = (REPO / "scripts" / "test.sh").read_text()
-    assert "for bf16 in 0 1" in runner and "UNSLOTH_CPU_BF16=$bf16 python -m pytest" in runner  # both precisions
+    # every test once in fp32 (slow tier included unless --fast), then the precision-dependent ones again in bf16
+    assert 'UNSLOTH_CPU_BF16=0 python -m pytest -m "$tier"' in runner and 'tier="not wheelhouse"' in runner
+    assert 'UNSLOTH_CPU_BF16=1 python -m pytest -m "numeric and ($tier)"' in runner
+    assert "--durations=15" in runner
 
 
 def test_one_pinned_stack():
@@ -59,6 +62,7 @@ def test_demo_help_explains_options(capsys):
             assert option in out
 
 
+@pytest.mark.slow
 def test_sft_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["sft-demo", "--max-steps", "40", "--output-dir", str(out)]) == 0
@@ -71,6 +75,7 @@ def test_sft_demo_runs_end_to_end(tmp_path):
     assert main(["sft-demo", "--max-steps", "0", "--output-dir", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     """The main job's code path end to end with a tiny budget (the full run's numbers are in the issue note)."""
     out = tmp_path / "demo"

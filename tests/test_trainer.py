@@ -71,6 +71,7 @@ def test_alpaca_text_with_markers_trains_on_the_response_only(lora_model, tmp_pa
     assert tokenizer.decode(kept).strip() == "13" + tokenizer.eos_token
 
 
+@pytest.mark.numeric
 def test_short_sft_run_lowers_eval_loss_and_checkpoints(lora_model, chat_dataset, tmp_path):
     model, tokenizer = lora_model
     train, held_out = chat_dataset.select(range(48)), chat_dataset.select(range(48, 64))
