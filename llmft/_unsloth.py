@@ -90,6 +90,44 @@ def import_unsloth():
     return sys.modules["unsloth"]
 
 
+ORDERED_AFTER_UNSLOTH = ("transformers", "trl", "peft")
+_wrapped_import = None  # Python's own __import__ while the wrapper below is installed
+
+
+def unsloth_before_transformers() -> bool:
+    """Guarantee that Unsloth is imported before transformers, TRL and PEFT, whoever imports them first, without
+    importing anything heavy now (so ``llmft.kaggle``, ``llmft.configs`` and ``python -m llmft --help`` stay light).
+
+    Until Unsloth is loaded, Python's ``__import__`` is wrapped: the first ``import transformers`` (or trl, peft, or
+    one of their submodules) imports Unsloth just before it, through :func:`import_unsloth` and its checks. The
+    wrapper steps aside for good once Unsloth is in. Nothing is installed when Unsloth is already imported, when one of
+    those libraries was imported first (:func:`import_unsloth` warns about that when llmft needs Unsloth), or when
+    Unsloth is not installed (llmft's model functions then say how to install it). Returns whether it was installed.
+    ``importlib.import_module("transformers")`` bypasses ``__import__``: llmft's own modules import Unsloth
+    explicitly wherever they need it."""
+    global _wrapped_import
+    import builtins
+    import importlib.util
+
+    if _wrapped_import is not None or "unsloth" in sys.modules:
+        return _wrapped_import is not None
+    if any(name in sys.modules for name in ORDERED_AFTER_UNSLOTH) or importlib.util.find_spec("unsloth") is None:
+        return False
+    original = _wrapped_import = builtins.__import__
+
+    def _import(name, globals=None, locals=None, fromlist=(), level=0):
+        global _wrapped_import
+        if _wrapped_import is not None and level == 0 and name.partition(".")[0] in ORDERED_AFTER_UNSLOTH:
+            _wrapped_import = None
+            if builtins.__import__ is _import:
+                builtins.__import__ = original
+            import_unsloth()
+        return original(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = _import
+    return True
+
+
 @contextlib.contextmanager
 def pinned_cpu_precision(bf16: bool = False, threads: int | None = 2):
     """Within the block, a CPU run gives the same numbers on every x86 machine: Unsloth's CPU mode computes in bf16
