@@ -43,7 +43,7 @@ def pinned_gpu() -> str | None:
 def pin_single_gpu_on_kaggle() -> str | None:
     """On Kaggle, expose only GPU 0 unless ``CUDA_VISIBLE_DEVICES`` is already set or a launcher started several
     processes (one per GPU); returns what was set."""
-    from llmft.runtime import launched_distributed, on_kaggle
+    from llmft.environment import launched_distributed, on_kaggle
 
     if not on_kaggle() or "CUDA_VISIBLE_DEVICES" in os.environ or launched_distributed():
         return None

@@ -44,7 +44,8 @@ from transformers.trainer_callback import ExportableState
 
 from llmft.log import say
 from llmft.models import save_active_adapter
-from llmft.runtime import any_process, is_main_process
+from llmft.probes import PROBE_PREFIX, probe_metric  # noqa: F401  (also llmft.callbacks.*)
+from llmft.environment import any_process, is_main_process
 
 CORE_COLUMNS = ["step", "epoch", "event", "loss", "learning_rate", "grad_norm", "weight_decay",
                 "gpu_mem_reserved_gb", "gpu_mem_allocated_gb"]
@@ -59,17 +60,6 @@ def greater_is_better_for(metric: str) -> bool:
 
 def _metric_key(metric: str) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
-
-
-PROBE_PREFIX = "eval_probe/"
-
-
-def probe_metric(name: str) -> str:
-    """The evaluation metric a probe is reported as: ``eval_probe/<name>`` (``name``, ``probe/<name>`` or the full
-    key are accepted)."""
-    if name.startswith(PROBE_PREFIX):
-        return name
-    return PROBE_PREFIX + (name[len("probe/"):] if name.startswith("probe/") else name)
 
 
 def _below_threshold(metrics: dict, retain: dict, who: str) -> dict[str, float]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmft.models import DEFAULT_SEED
+from llmft.environment import DEFAULT_SEED
 
 CONFIG_FILE = "llmft_config.json"
 
@@ -215,7 +215,7 @@ def config_dict(options, trl_args: dict | None = None, kind: str | None = None) 
 
 def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = None, kind: str | None = None) -> Path:
     """Write ``output_dir/llmft_config.json`` atomically (by the main process only under torchrun); returns its path."""
-    from llmft.runtime import is_main_process
+    from llmft.environment import is_main_process
 
     out = Path(output_dir)
     path = out / CONFIG_FILE

@@ -127,7 +127,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
                         y_label=f"Fibonacci probe accuracy ({len(probe.prompts)} items, skill kept)",
                         title="Learning vs forgetting (mean ± 1 sd over seeds)")
     curve_dirs = table.loc[(table["run"] == CURVE_RUN), "output_dir"].tolist()
-    plots.plot_probe_curves({CURVE_RUN: curve_dirs}, probe.name, figures["forgetting_curve"],
+    probes.plot_probe_curves({CURVE_RUN: curve_dirs}, probe.name, figures["forgetting_curve"],
                             title="Live Fibonacci probe (32 windows) during 1 epoch: mean, min-max over seeds")
     import matplotlib.pyplot as plt
 

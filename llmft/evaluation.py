@@ -1,5 +1,5 @@
-"""Evaluation: BLEU, ROUGE and BERTScore that work offline, oasst1 evaluation pairs, base vs adapters comparisons and
-a qualitative side-by-side table.
+"""Evaluation: BLEU, ROUGE and BERTScore that work offline, base vs adapters comparisons and a qualitative
+side-by-side table (oasst1 evaluation pairs come from :func:`llmft.data.oasst1_pairs`).
 
 The metrics are thin calls into sacreBLEU, rouge-score and bert-score with the settings of the hub's ``evaluate``
 metrics, so numbers line up with the NTUA lab report's table, corrected where those settings are wrong for our users'
@@ -12,8 +12,6 @@ modules: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import unicodedata
@@ -21,8 +19,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Sequence
 
-from llmft.data import oasst1_pairs  # noqa: F401  (its home is llmft.data; kept here for old notebooks)
-from llmft.models import restore_saved_adapter_dtype
+from llmft.generation import generate_by_model, generate_cached  # noqa: F401  (notebooks: evaluation.*)
 
 METRIC_NAMES = ("bleu", "rouge", "bertscore")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -321,71 +318,8 @@ def score_all(predictions: Sequence[str], references, **bertscore_options) -> "O
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# base vs adapters
+# base vs adapters (the answers come from llmft.generation.generate_by_model)
 # --------------------------------------------------------------------------------------------------------------------
-def _cache_file(cache_dir, name: str, prompts, settings: dict) -> Path:
-    key = hashlib.sha256(json.dumps({"prompts": list(map(str, prompts)), **settings}, sort_keys=True).encode())
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-    return Path(cache_dir) / f"{safe}-{key.hexdigest()[:12]}.json"
-
-
-def generate_cached(model, tokenizer, prompts, name: str, cache_dir, *, batch_size: int = 8,
-                    max_new_tokens: int = 128, **generate_options) -> list[str]:
-    """:func:`llmft.generate_batch` with the answers written to ``cache_dir`` after every batch, so a disconnect
-    loses at most one batch and a re-run continues where it stopped. Under torchrun every process generates and only
-    the main one writes the cache."""
-    from tqdm.auto import tqdm
-
-    from llmft.generation import generate_batch
-    from llmft.runtime import is_main_process
-
-    settings = {"max_new_tokens": max_new_tokens, **{k: repr(v) for k, v in generate_options.items()}}
-    path = _cache_file(cache_dir, name, prompts, settings)
-    done = json.loads(path.read_text()) if path.exists() else []
-    writes = is_main_process()
-    with tqdm(total=len(prompts), initial=len(done), desc=f"generating ({name})", disable=not writes) as bar:
-        for start in range(len(done), len(prompts), batch_size):
-            done += generate_batch(model, tokenizer, prompts[start:start + batch_size], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=False, **generate_options)
-            if writes:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done))
-                os.replace(tmp, path)
-            bar.update(min(batch_size, len(prompts) - start))
-    return done
-
-
-def generate_by_model(model, tokenizer, prompts, adapters: dict | None = None, *, include_base: bool = True,
-                      cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8,
-                      max_new_tokens: int = 128, **generate_options) -> "OrderedDict[str, list[str]]":
-    """Answers to ``prompts`` from the base model (adapter disabled) and each named adapter, all on one base model in
-    memory: ``adapters`` maps a name to an adapter directory, loaded with PEFT's ``load_adapter``. Batched, greedy by
-    default, cached per batch in ``cache_dir`` (see :func:`generate_cached`)."""
-    if not hasattr(model, "load_adapter"):
-        raise ValueError("generate_by_model: model must be a PEFT model; load it with llmft.load_model (lora_r set)")
-    answers: "OrderedDict[str, list[str]]" = OrderedDict()
-    settings = dict(cache_dir=cache_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, **generate_options)
-    if include_base:
-        with model.disable_adapter():
-            answers["base"] = generate_cached(model, tokenizer, prompts, "base", **settings)
-    previous = model.active_adapter
-    try:
-        for name, path in (adapters or {}).items():
-            if not os.path.exists(os.path.join(path, "adapter_config.json")):
-                raise FileNotFoundError(f"adapters[{name!r}] = {path!r} has no adapter_config.json")
-            adapter_name = f"llmft_{name}"
-            if adapter_name not in model.peft_config:
-                model.load_adapter(path, adapter_name=adapter_name)
-                # in the dtype it was saved in: the same greedy answers as the model that was saved
-                restore_saved_adapter_dtype(model, path, adapter_name)
-            model.set_adapter(adapter_name)
-            answers[name] = generate_cached(model, tokenizer, prompts, f"{name}-{Path(path).resolve()}", **settings)
-    finally:
-        model.set_adapter(previous)
-    return answers
-
-
 def compare_models(model, tokenizer, prompts, references, adapters: dict | None = None, *, include_base: bool = True,
                    cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8, max_new_tokens: int = 128,
                    plot: bool = True, bertscore_options: dict | None = None, **generate_options):

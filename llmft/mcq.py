@@ -119,7 +119,7 @@ def write_submission(task_ids: Sequence[str], predictions: Sequence[str], path: 
                      test_rows=None) -> Path:
     """Write a Kaggle ``submission.csv`` (``task_id,answer``), validated first (against ``test_rows`` from
     :func:`llmft.data.mcq_rows` when given), and written atomically (by the main process only under torchrun)."""
-    from llmft.runtime import is_main_process
+    from llmft.environment import is_main_process
 
     import pandas as pd
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from llmft.configs import DPOOptions, SFTOptions, check_names, field_names
 from llmft.log import say
-from llmft.models import DEFAULT_SEED
-from llmft.runtime import is_main_process
+from llmft.environment import DEFAULT_SEED
+from llmft.environment import is_main_process
 
 SECTIONS = ("model", "data", "training", "smoke")
 TESTING_MODEL = "testing:tiny_model"

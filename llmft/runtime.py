@@ -23,11 +23,15 @@ import os
 import sys
 from pathlib import Path
 
+from llmft.environment import (  # noqa: F401  (re-exported: notebooks and recipes use them as llmft.runtime.*)
+    ALLOW_CPU_ENV, _int_env, _truthy, any_process, cpu_allowed, is_main_process, launched_distributed, on_colab, on_kaggle,
+    process_count, process_rank,
+)
+
 T4_HOWTO = (
     "Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then run the notebook again from "
     "the top (the runtime restarts). Kaggle: Settings > Accelerator > GPU T4 x2 (not P100), then run again from the "
     "top (in a pushed kernel: machine_shape NvidiaTeslaT4 in kernel-metadata.json).")
-ALLOW_CPU_ENV = "LLMFT_ALLOW_CPU"
 DRIVE_ENV = "LLMFT_DRIVE"
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/llmft"
@@ -38,72 +42,6 @@ _preflight_printed = False
 
 class NoGPUError(RuntimeError):
     """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def on_colab() -> bool:
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
-
-
-def on_kaggle() -> bool:
-    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ
-
-
-def _int_env(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
-def _process_group():
-    """``torch.distributed`` when a process group is up (never imports torch: the Kaggle tooling runs without it)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist
-    return None
-
-
-def process_rank() -> int:
-    """This process's global rank: torch.distributed's once the process group is up (the trainer starts it), before
-    that the ``RANK`` every process of ``torchrun`` / ``accelerate launch`` gets, and 0 in a plain run."""
-    group = _process_group()
-    return group.get_rank() if group is not None else _int_env("RANK", 0)
-
-
-def process_count() -> int:
-    """How many processes train together (the world size): 1 in a plain run."""
-    group = _process_group()
-    return group.get_world_size() if group is not None else _int_env("WORLD_SIZE", 1)
-
-
-def launched_distributed() -> bool:
-    """True when a launcher (torchrun, accelerate launch) started this process as one of several (``WORLD_SIZE`` > 1);
-    each process then owns one GPU, ``cuda:LOCAL_RANK``."""
-    return _int_env("WORLD_SIZE", 1) > 1
-
-
-def is_main_process(args=None) -> bool:
-    """True in the process that writes llmft's files (metrics CSV, best checkpoints, configs, plots, adapters) and
-    prints its messages: with a trainer's ``args``, transformers' own answer (``args.should_save``: process 0 of the
-    world, or of each node with ``save_on_each_node``); without, global rank 0. Always True in a plain run."""
-    if args is not None:
-        return bool(args.should_save)
-    return process_rank() == 0
-
-
-def any_process(flag: bool) -> bool:
-    """``flag`` or-ed over every process (accelerate's ``gather_object``), so a stop decision is the same everywhere: a
-    process that stopped alone would leave the others waiting in the next gradient all-reduce. Every process must
-    call it at the same point; in a plain run it returns ``flag``."""
-    if process_count() <= 1:
-        return bool(flag)
-    from accelerate.utils import gather_object
-
-    return any(gather_object([bool(flag)]))
 
 
 def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, processes: int = 2, smoke: bool = False,
@@ -133,13 +71,6 @@ def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, proces
         raise RuntimeError(f"torchrun_recipe({str(recipe)!r}, {command!r}): the {processes} processes exited with "
                            f"status {child.returncode}; the lines above say why (the first traceback is the cause)")
     return child.returncode
-
-
-def cpu_allowed() -> bool:
-    """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
-    from llmft.testing import smoke_mode
-
-    return smoke_mode() or _truthy(os.environ.get(ALLOW_CPU_ENV))
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:

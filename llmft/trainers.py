@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 import math
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ import_unsloth()  # the SFTTrainer subclassed below must be the one Unsloth patc
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from llmft import callbacks as cb  # noqa: E402
+from llmft.checkpoints import checkpoints, latest_checkpoint  # noqa: E402,F401  (also llmft.trainers.*)
 from llmft.configs import (  # noqa: E402
     DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
 )
@@ -469,24 +469,6 @@ def _probe_callback(trainer, probes, retain, evaluates):
             raise ValueError(f"retain: no probe named {name!r} among probes {names}"
                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     return prober
-
-
-def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, float, str]]:
-    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's ``output_dir`` (one whose
-    trainer_state.json was written: transformers writes it last), in step order."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        state = path / "trainer_state.json"
-        if path.name.split("-")[-1].isdigit() and state.exists():
-            info = json.loads(state.read_text())
-            found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (see :func:`checkpoints`), or None."""
-    found = checkpoints(output_dir)
-    return found[-1][2] if found else None
 
 
 _indexed_cpu_registered = False
