@@ -256,8 +256,8 @@ class SFTOptions(TrainingControlConfig, _RunOptions):
     """Every option of :func:`llmft.build_trainer` (T4 defaults). Other ``trl.SFTConfig`` fields pass through."""
 
     max_seq_length: int | None = _help("Longest row in tokens; None: the model's (from load_model).")
-    responses_only: bool | None = _help("Loss on responses only; None: on for chat data, and for text data when "
-                                        "instruction_part and response_part are given.")
+    responses_only: bool | None = _help("Loss on responses only; None: on for chat and prompt/completion data, and "
+                                        "for text data when instruction_part and response_part are given.")
     instruction_part: str | None = _help("Text data: the marker before each instruction, e.g. '### Instruction:\\n'.")
     response_part: str | None = _help("Text data: the marker before each response, e.g. '### Response:\\n'.")
     distill: DistillConfig | None = _help("Knowledge distillation from the adapter-disabled model (a DistillConfig, "

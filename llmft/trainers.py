@@ -220,7 +220,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     """Return a TRL ``SFTTrainer`` (an :class:`LlmftSFTTrainer`) for ``model`` (from :func:`llmft.load_model`) on
     ``train_dataset``.
 
-    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`) or a ``text`` column.
+    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`), a ``text`` column, or
+    ``prompt`` and ``completion`` columns (e.g. :func:`llmft.data.mcq_rows`; TRL tokenizes the prompt alone and the loss
+    covers the completion). An empty dataset is refused before the model is touched.
 
     Every keyword is a field of :class:`llmft.configs.SFTOptions` (its default and help are there; ``config=`` takes
     a whole ``SFTOptions`` and keywords override it) or any other ``trl.SFTConfig`` field (e.g. ``packing=True``);
@@ -441,6 +443,12 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g. ``"eval_rewards/accuracies"`` or
     ``"eval_rewards/margins"`` (higher is better, inferred from the name). Live probes and the retention guard
     (``probes``, ``retain``, ``retain_patience``) work as in :func:`build_trainer`.
+
+    Pairs are conversational (message lists, chat template applied by TRL) or plain text (strings, trained as they are,
+    without the chat template). Before the model is touched, an empty dataset, rows mixing the two forms and pairs
+    carrying no preference (empty answer, chosen == rejected: the check of :func:`llmft.data.preference_pairs`) are
+    refused by row. Built again on the same model (a re-run cell), the trainer keeps the frozen ``ref`` adapter of the
+    first build as the reference (see :class:`LlmftDPOTrainer`).
     """
     o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
     forms = []
