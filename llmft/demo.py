@@ -79,7 +79,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
 
     matplotlib.use("Agg")
     import llmft
-    from llmft import callbacks, mcq, plots, probes, templates
+    from llmft import callbacks, mcq, plots, probes
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -106,12 +106,10 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     say(f"[2/4] {n_runs} LoRA runs ({', '.join(variants)}; seeds {', '.join(map(str, seeds))}), each probed and "
         f"scored; the 1-epoch adapters repaired at λ = {', '.join(map(str, REPAIR_LAMBDAS))}", verbose)
     experiment = run_experiment(
-        str(base_dir), variants, rows.select_columns(["text"]), val.select_columns(["text"]).select(range(16)),
+        str(base_dir), variants, rows, val.select(range(16)),
         output_dir=str(out / "runs"), load_options={**LOAD_OPTIONS, "seed": seeds[0]}, loaded=(model, tokenizer),
         trainer_options=dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-                             learning_rate=learning_rate, warmup_steps=5,
-                             instruction_part=templates.MCQ_INSTRUCTION_PART,
-                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None, keep_best=0,
+                             learning_rate=learning_rate, warmup_steps=5, early_stopping_patience=None, keep_best=0,
                              save_strategy="no", eval_steps=max(1, steps_per_epoch // 6), disable_tqdm=not verbose,
                              gradient_checkpointing=False),
         probes={"probe": probe}, scorers={"mcq_accuracy": task}, base_name=BASE_RUN, seeds=seeds,

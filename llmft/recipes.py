@@ -13,7 +13,11 @@ gets the same "did you mean" message as a misspelt keyword):
   (``dpo``), plus any ``trl.SFTConfig`` / ``trl.DPOConfig`` field.
 
 An optional ``smoke`` section holds the same three sections' overrides, applied by ``--smoke`` (or ``LLMFT_SMOKE=1``)
-so a continuous-integration job runs the very recipe on tiny local assets. The run writes, in ``output_dir``:
+so a continuous-integration job runs the very recipe on tiny local assets; its names and values are checked on every
+run, with or without ``--smoke``. Values are checked before anything loads too (a learning rate of "abc", a batch of
+0, an ``output_dir`` that is a file, an unknown split of a built-in dataset, a YAML syntax error given as
+file:line:column), and the data is read and converted before the model loads, so bad data fails in seconds. The run
+writes, in ``output_dir``:
 ``metrics.csv``, ``best/``, ``llmft_config.json`` (the trainer options), ``recipe.json`` (the recipe as resolved),
 ``training.png`` and ``adapters/``.
 """
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmft.configs import DPOOptions, SFTOptions, check_names, field_names
+from llmft.configs import ConfigError, DPOOptions, SFTOptions, check_names, field_names, options_from
+from llmft.data import DataError
 from llmft.log import say
 from llmft.environment import DEFAULT_SEED
 from llmft.environment import is_main_process
@@ -35,6 +41,7 @@ SECTIONS = ("model", "data", "training", "smoke")
 TESTING_MODEL = "testing:tiny_model"
 TESTING_DATASETS = {"testing:finetome": "tiny_finetome", "testing:orca_dpo": "tiny_orca_dpo",
                     "testing:oasst1": "tiny_oasst1", "testing:codemmlu": "tiny_codemmlu"}
+TESTING_SPLITS = ("train",)  # llmft.testing's datasets are built whole: one split
 FORMATS = ("sharegpt", "messages", "text", "orca_dpo", "preference")
 
 
@@ -55,7 +62,18 @@ class DataConfig:
 
     def __post_init__(self):
         if self.format not in FORMATS:
-            raise ValueError(f"data.format={self.format!r}: use one of {list(FORMATS)}")
+            raise ConfigError("data.format", self.format, f"use one of {list(FORMATS)}")
+        if self.dataset.startswith("testing:"):
+            if self.dataset not in TESTING_DATASETS:
+                close = difflib.get_close_matches(self.dataset, TESTING_DATASETS, n=1)
+                raise ConfigError("data.dataset", self.dataset, f"the built-in datasets are {sorted(TESTING_DATASETS)}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+            if self.split not in TESTING_SPLITS:
+                raise ConfigError("data.split", self.split, f"{self.dataset} has only the split(s) {list(TESTING_SPLITS)}")
+        if self.rows is not None and self.rows < 1:
+            raise ConfigError("data.rows", self.rows, "give a positive number of rows, or null for all")
+        if self.eval_rows < 0:
+            raise ConfigError("data.eval_rows", self.eval_rows, "give 0 (no evaluation) or more")
 
 
 def load_recipe(source, *, smoke: bool = False) -> dict:
@@ -65,24 +83,47 @@ def load_recipe(source, *, smoke: bool = False) -> dict:
     if isinstance(source, dict):
         recipe = copy.deepcopy(source)
     else:
-        import yaml
-
-        recipe = yaml.safe_load(Path(source).read_text()) or {}
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{where}: a recipe is a mapping with sections {list(SECTIONS[:3])}")
+        recipe = _read_yaml(Path(source)) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{where}: a recipe is a mapping with sections {list(SECTIONS[:3])}")
     check_names(recipe, SECTIONS, where, f"A recipe has the sections {list(SECTIONS)}.")
     overrides = recipe.pop("smoke", None) or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where} [smoke]: a mapping with sections {list(SECTIONS[:3])}, got {overrides!r:.60}")
     check_names(overrides, SECTIONS[:3], f"{where} [smoke]", f"smoke overrides the sections {list(SECTIONS[:3])}.")
+    for section in SECTIONS[:3]:
+        for name, values in ((where, recipe.get(section)), (f"{where} [smoke]", overrides.get(section))):
+            if values is not None and not isinstance(values, dict):
+                raise ValueError(f"{name} [{section}]: a mapping of field: value, got {values!r:.60}")
     if smoke:
         for section, values in overrides.items():
             recipe[section] = {**(recipe.get(section) or {}), **(values or {})}
     for section in SECTIONS[:3]:
         recipe[section] = dict(recipe.get(section) or {})
+    if overrides and not smoke:  # kept unapplied, so check_recipe checks them on every run
+        recipe["smoke"] = overrides
     return recipe
 
 
+def _read_yaml(path: Path):
+    """The YAML file's content; a syntax error (a tab, a bad indent, an unclosed quote) is one line naming the file,
+    line and column."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = " ".join(part for part in (exc.context, exc.problem) if part)
+        hint = "; YAML indents with spaces, never tabs" if "\\t" in problem else ""
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path),
+                          fix=f"YAML syntax error: {problem}{hint}") from None
+
+
 def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
-    """Check every name of every section against what it is passed to; raise TypeError naming the closest one."""
+    """Check every name of every section against what it is passed to (a :class:`TypeError` naming the closest one)
+    and the data and training values (a :class:`~llmft.configs.ConfigError` naming the option and the fix), of the
+    recipe and of its unapplied ``smoke`` section alike, before anything loads."""
     from llmft.models import load_model
 
     options_cls, trl_cls = _options(command)
@@ -95,6 +136,16 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
     training_known = set(field_names(options_cls)) | set(field_names(trl_cls))
     check_names(recipe["training"], training_known, f"{where} [training]",
                 f"Fields are llmft.configs.{options_cls.__name__}'s or trl.{trl_cls.__name__}'s.")
+    for section, check in (("data", lambda values: DataConfig(**values)),
+                           ("training", lambda values: options_from(options_cls, command, trl_cls, values))):
+        try:
+            check(recipe[section])
+        except TypeError as exc:  # a required field left out
+            raise TypeError(f"{where} [{section}]: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{where} [{section}]: {exc.option}", exc.value, exc.fix) from None
+    if recipe.get("smoke"):  # not applied on this run: checked all the same, so a typo there shows today
+        check_recipe(load_recipe(recipe, smoke=True), command, f"{where} [smoke]")
 
 
 def _options(command: str):
@@ -119,11 +170,18 @@ def load_rows(data: DataConfig):
         from datasets import load_dataset
 
         path = Path(data.dataset)
-        if path.is_file():
-            raw = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path),
-                               split=data.split)
-        else:
-            raw = load_dataset(data.dataset, split=data.split)
+        try:
+            if path.is_file():
+                raw = load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path),
+                                   split=data.split)
+            else:
+                raw = load_dataset(data.dataset, split=data.split)
+        except ValueError as exc:
+            if "split" not in str(exc).lower():
+                raise
+            raise ConfigError("data.split", data.split, f"{data.dataset}: {exc}") from None
+    if len(raw) == 0:
+        raise DataError(f"data: {data.dataset} split {data.split!r} has no rows")
     raw = raw.shuffle(seed=data.seed)
     if data.rows is not None:
         raw = raw.select(range(min(len(raw), data.rows)))
@@ -132,6 +190,9 @@ def load_rows(data: DataConfig):
     rows = convert(raw) if convert else raw
     if not data.eval_rows:
         return rows, None
+    if len(rows) < 2:
+        raise DataError(f"data: {len(rows)} usable row(s) from {data.dataset}: too few to hold out eval_rows="
+                        f"{data.eval_rows} and still train; give more rows, or eval_rows: 0")
     split = rows.train_test_split(test_size=min(data.eval_rows, len(rows) // 5 or 1), seed=data.seed)
     return split["train"], split["test"]
 
@@ -160,8 +221,8 @@ def run_recipe(source, command: str = "train", *, smoke: bool | None = None, cal
         name = str(testing.tiny_model_dir())
     data = DataConfig(**recipe["data"])
     say(f"llmft {command}: {where} (smoke={smoke}): model {name}, data {data.dataset}")
+    train_rows, eval_rows = load_rows(data)  # before the model: bad data fails in seconds
     model, tokenizer = llmft.load_model(name, **model_options)
-    train_rows, eval_rows = load_rows(data)
     build = llmft.build_trainer if command == "train" else llmft.build_dpo_trainer
     trainer = build(model, tokenizer, train_rows, eval_rows, callbacks=callbacks, **recipe["training"])
     out = Path(trainer.args.output_dir)

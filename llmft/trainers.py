@@ -12,6 +12,7 @@ transformers documents for it) and keep the data reports; :class:`DistillSFTTrai
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -30,17 +31,16 @@ from llmft.checkpoints import checkpoints, latest_checkpoint  # noqa: E402,F401 
 from llmft.configs import (  # noqa: E402
     DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
 )
-from llmft.data import DataError, count_overlong  # noqa: E402
+from llmft.data import PREFERENCE_COLUMNS, DataError, check_preference_rows, count_overlong  # noqa: E402
 from llmft.log import say  # noqa: E402
-from llmft.masking import mask_responses  # noqa: E402
+from llmft.masking import completion_report, mask_responses  # noqa: E402
 from llmft.models import pick_dtype  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
 __all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
            "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
 
-SUPPORTED_COLUMNS = ("messages", "text")
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+PROMPT_COMPLETION = "prompt/completion"
 
 
 def precision_flags() -> dict:
@@ -60,15 +60,26 @@ def default_optim() -> str:
 
 
 def _check_dataset(dataset, argument: str) -> str:
+    """The kind of SFT data, as TRL reads it: "prompt/completion" (TRL takes ``prompt`` first), "messages" or
+    "text"; a :class:`DataError` for an empty dataset or columns TRL would misread."""
     columns = dataset.column_names
+    if len(dataset) == 0:
+        raise DataError(f"{argument}: empty (0 rows); give at least one row (check the split, filters and `rows`)")
     if "conversations" in columns and "messages" not in columns:
         raise DataError(f"{argument}: has ShareGPT 'conversations' (from/value turns); convert it first with "
                         "llmft.data.sharegpt_to_messages(dataset)")
-    for column in SUPPORTED_COLUMNS:
+    if "prompt" in columns:
+        if "completion" in columns:
+            return PROMPT_COMPLETION
+        raise DataError(f"{argument}: has 'prompt' but no 'completion' (columns {columns}); TRL reads a 'prompt' "
+                        "column as prompt/completion data. Add the 'completion' column, or drop 'prompt' "
+                        "(dataset.remove_columns('prompt')) to train on "
+                        + ("'text'" if "text" in columns else "'messages'" if "messages" in columns else "the text"))
+    for column in ("messages", "text"):
         if column in columns:
             return column
-    raise DataError(f"{argument}: expected a 'messages' (chat) or 'text' column, got {columns}. "
-                    "Use llmft.data.sharegpt_to_messages or alpaca_to_text to prepare it.")
+    raise DataError(f"{argument}: expected a 'messages' (chat), 'text' or 'prompt' + 'completion' column, got "
+                    f"{columns}. Use llmft.data.sharegpt_to_messages, alpaca_to_text or mcq_rows to prepare it.")
 
 
 def _planned_steps(n_rows: int, batch: int, accumulation: int, epochs: float, max_steps: int) -> int:
@@ -163,7 +174,45 @@ class LlmftSFTTrainer(TrainerMixin, SFTTrainer):
 
 
 class LlmftDPOTrainer(TrainerMixin, DPOTrainer):
-    """TRL's ``DPOTrainer`` with :class:`TrainerMixin`: what :func:`build_dpo_trainer` returns."""
+    """TRL's ``DPOTrainer`` with :class:`TrainerMixin`: what :func:`build_dpo_trainer` returns.
+
+    Built again on a model that already holds TRL's frozen ``ref`` adapter (a notebook cell re-run), it keeps that
+    reference: TRL would refuse to add it twice, and a fresh copy of a policy trained since would be the wrong
+    reference."""
+
+    def __init__(self, *args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        with _keeping_reference(model):
+            super().__init__(*args, **kwargs)
+
+
+REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer gives its frozen copy of the policy's adapter
+
+
+@contextlib.contextmanager
+def _keeping_reference(model):
+    """Around a DPOTrainer's construction: if ``model`` already has TRL's ``ref`` adapter, set its weights aside,
+    let TRL add the adapter anew (PEFT refuses a second adapter of one name), and put the weights back."""
+    if REFERENCE_ADAPTER not in (getattr(model, "peft_config", None) or {}):
+        yield
+        return
+    marker = f".{REFERENCE_ADAPTER}."
+    kept = {name: p.detach().clone() for name, p in model.named_parameters() if marker in name}
+    say(f"LlmftDPOTrainer: the model already holds the '{REFERENCE_ADAPTER}' adapter of an earlier DPO trainer (a "
+        "re-run cell?); keeping it as the reference policy")
+    config = model.peft_config[REFERENCE_ADAPTER]
+    model.delete_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        import torch
+
+        if REFERENCE_ADAPTER not in model.peft_config:  # the trainer failed before adding it: the model keeps it
+            model.add_adapter(REFERENCE_ADAPTER, config)
+        restored = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in kept.items():
+                restored[name].copy_(value)
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config: SFTOptions | dict | None = None,
@@ -171,7 +220,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     """Return a TRL ``SFTTrainer`` (an :class:`LlmftSFTTrainer`) for ``model`` (from :func:`llmft.load_model`) on
     ``train_dataset``.
 
-    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`) or a ``text`` column.
+    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`), a ``text`` column, or
+    ``prompt`` and ``completion`` columns (e.g. :func:`llmft.data.mcq_rows`; TRL tokenizes the prompt alone and the loss
+    covers the completion). An empty dataset is refused before the model is touched.
 
     Every keyword is a field of :class:`llmft.configs.SFTOptions` (its default and help are there; ``config=`` takes
     a whole ``SFTOptions`` and keywords override it) or any other ``trl.SFTConfig`` field (e.g. ``packing=True``);
@@ -222,15 +273,26 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
                         f"got {eval_dataset.column_names}")
     responses_only = o.responses_only
     if responses_only is None:
-        responses_only = kind == "messages" or o.response_part is not None
+        responses_only = kind in ("messages", PROMPT_COMPLETION) or o.response_part is not None
     if responses_only and kind == "text" and o.response_part is None:
         raise ValueError("build_trainer(responses_only=True) on 'text' data needs instruction_part and response_part "
                          "(for the Alpaca prompt: '### Instruction:\\n' and '### Response:\\n')")
+    if kind == PROMPT_COMPLETION and o.response_part is not None:
+        raise ValueError("build_trainer: prompt/completion rows need no instruction_part/response_part: the "
+                         "completion is the response (the loss is on it alone unless responses_only=False)")
     max_seq_length = o.max_seq_length or getattr(model, "max_seq_length", None) or 2048
 
     eval_dataset, reports = _prepare("build_trainer", tokenizer, train_dataset, eval_dataset, max_length=max_seq_length,
                                      eval_max_samples=o.eval_max_samples, seed=o.seed, verbose=verbose)
-    if responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
+    if kind == PROMPT_COMPLETION:  # TRL tokenizes the prompt alone and masks it (completion_only_loss)
+        trl_options = {"completion_only_loss": responses_only, **trl_options}
+        if responses_only:
+            reports["train_masking"] = completion_report(train_dataset, tokenizer, max_length=max_seq_length,
+                                                         name="train_dataset")
+            if eval_dataset is not None:
+                reports["eval_masking"] = completion_report(eval_dataset, tokenizer, max_length=max_seq_length,
+                                                            name="eval_dataset")
+    elif responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
         parts = dict(instruction_part=o.instruction_part, response_part=o.response_part, max_length=max_seq_length)
         train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset",
                                                                  **parts)
@@ -381,14 +443,30 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g. ``"eval_rewards/accuracies"`` or
     ``"eval_rewards/margins"`` (higher is better, inferred from the name). Live probes and the retention guard
     (``probes``, ``retain``, ``retain_patience``) work as in :func:`build_trainer`.
+
+    Pairs are conversational (message lists, chat template applied by TRL) or plain text (strings, trained as they are,
+    without the chat template). Before the model is touched, an empty dataset, rows mixing the two forms and pairs
+    carrying no preference (empty answer, chosen == rejected: the check of :func:`llmft.data.preference_pairs`) are
+    refused by row. Built again on the same model (a re-run cell), the trainer keeps the frozen ``ref`` adapter of the
+    first build as the reference (see :class:`LlmftDPOTrainer`).
     """
     o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
+    forms = []
     for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-        if dataset is not None and not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
+        if dataset is None:
+            continue
+        if not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
             hint = (" Convert Intel/orca_dpo_pairs rows with llmft.data.orca_to_dpo." if "question" in
                     dataset.column_names else " Use llmft.data.preference_pairs to check and convert them.")
             raise DataError(f"{argument}: DPO needs prompt, chosen and rejected columns, got {dataset.column_names}."
                             + hint)
+        forms.append(check_preference_rows(dataset, argument))
+    if len(set(forms)) > 1:
+        raise DataError(f"train_dataset is {forms[0]} and eval_dataset {forms[1]}; give both in one form "
+                        "(llmft.data.preference_pairs converts string rows to chat turns)")
+    if forms[0] == "text":
+        say("build_dpo_trainer: plain-text pairs: prompt + answer are trained as they are, without the chat template "
+            "(llmft.data.preference_pairs makes them chat turns)", verbose)
     if not hasattr(model, "peft_config"):
         raise ValueError("build_dpo_trainer: the model has no LoRA adapter; load it with llmft.load_model (lora_r "
                          "set, the default) so the reference is an adapter copy instead of a second model")

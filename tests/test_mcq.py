@@ -28,7 +28,7 @@ def test_messy_codemmlu_rows():
     assert report.skipped == {"answer not resolvable to one of the choices": ["task_0004"]} and report.unit == "task_ids"
     first = ds[0]
     assert first["prompt"].endswith("\nAnswer:") and first["n_choices"] == 4 and isinstance(first["choices"], list)
-    assert first["text"] == first["prompt"] + " " + first["answer"] + "<e>"
+    assert first["completion"] == " " + first["answer"] + "<e>" and "text" not in ds.column_names
     assert first["prompt"] == templates.format_mcq(rows[0]["question"], first["choices"]).rstrip()
 
 
@@ -79,14 +79,19 @@ def mcq_data():
 
 
 def test_fractional_epoch_training_on_the_answer_only(lora_model, mcq_data, tmp_path):
+    """mcq_rows' output goes straight into build_trainer (prompt/completion rows), with the loss on " A" + EOS: the
+    letter token score_choices reads after the prompt, and the end of sequence."""
     model, tokenizer = lora_model
     trainer = llmft.build_trainer(
-        model, tokenizer, mcq_data.select_columns(["text"]), num_train_epochs=0.2, per_device_train_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=5e-3, output_dir=str(tmp_path), scheduler="chebyshev",
-        instruction_part=templates.MCQ_INSTRUCTION_PART, response_part=templates.MCQ_RESPONSE_PART, verbose=False)
-    row = trainer.train_dataset[0]
-    kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
-    assert tokenizer.decode(kept).strip() == mcq_data[0]["answer"] + "<|im_end|>"
+        model, tokenizer, mcq_data, num_train_epochs=0.2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        learning_rate=5e-3, output_dir=str(tmp_path), scheduler="chebyshev", verbose=False)
+    assert len(trainer.train_dataset) == len(mcq_data) and trainer.llmft_reports["train_masking"].empty_rows == []
+    for row, source in zip(trainer.train_dataset, mcq_data):
+        kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        letter = tokenizer(" " + source["answer"], add_special_tokens=False)["input_ids"]
+        assert kept == letter + [tokenizer.eos_token_id]  # " A" as one token, then EOS: nothing of the prompt
+        prompt = tokenizer(source["prompt"])["input_ids"]
+        assert row["input_ids"] == prompt + kept  # the context is the prompt as score_choices tokenizes it
     trainer.train()
     assert trainer.state.global_step == trainer.state.max_steps == 2  # 0.2 x (40 rows / batch 4)
     assert (tmp_path / "metrics.csv").exists()
