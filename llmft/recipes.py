@@ -206,7 +206,8 @@ def run_recipe(source, command: str = "train", *, smoke: bool | None = None, cal
     It runs unchanged as one of several processes (``torchrun --nproc_per_node=N -m llmft train recipe.yaml``, or
     ``accelerate launch --multi_gpu``): transformers trains data parallel, every process returns the same summary, and
     only the main one writes files."""
-    import llmft
+    from llmft.models import load_model, save_adapters
+    from llmft.trainers import build_dpo_trainer, build_trainer, train
     from llmft import plots, testing
     from llmft.callbacks import BestCheckpoint, find_callback
 
@@ -222,21 +223,21 @@ def run_recipe(source, command: str = "train", *, smoke: bool | None = None, cal
     data = DataConfig(**recipe["data"])
     say(f"llmft {command}: {where} (smoke={smoke}): model {name}, data {data.dataset}")
     train_rows, eval_rows = load_rows(data)  # before the model: bad data fails in seconds
-    model, tokenizer = llmft.load_model(name, **model_options)
-    build = llmft.build_trainer if command == "train" else llmft.build_dpo_trainer
+    model, tokenizer = load_model(name, **model_options)
+    build = build_trainer if command == "train" else build_dpo_trainer
     trainer = build(model, tokenizer, train_rows, eval_rows, callbacks=callbacks, **recipe["training"])
     out = Path(trainer.args.output_dir)
     writes = is_main_process(trainer.args)
     if writes:
         (out / "recipe.json").write_text(json.dumps({"command": command, "smoke": smoke, **recipe}, indent=2,
                                                     default=str) + "\n")
-    result = llmft.train(trainer, resume="auto")
+    result = train(trainer, resume="auto")
     if writes:
         plot = plots.plot_training if command == "train" else plots.plot_dpo
         import matplotlib.pyplot as plt
 
         plt.close(plot(out, path=out / "training.png", title=command.upper()))
-    adapters = llmft.save_adapters(model, tokenizer, out / "adapters")
+    adapters = save_adapters(model, tokenizer, out / "adapters")
     summary = {"output_dir": str(out), "global_step": result.global_step, "train_loss": result.training_loss,
                "config": str(out / "llmft_config.json"), "metrics": str(out / "metrics.csv"),
                "adapters": str(adapters), "plot": str(out / "training.png")}
