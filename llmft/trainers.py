@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import inspect
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 from llmft._unsloth import import_unsloth
 
 import_unsloth()  # the SFTTrainer subclassed below must be the one Unsloth patched
 
+from transformers import TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from llmft import callbacks as cb  # noqa: E402
@@ -31,9 +34,10 @@ from llmft.configs import (  # noqa: E402
     DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
 )
 from llmft.data import DataError, count_overlong  # noqa: E402
-from llmft.log import say  # noqa: E402
+from llmft.log import logger, say  # noqa: E402
 from llmft.masking import mask_responses  # noqa: E402
 from llmft.models import pick_dtype  # noqa: E402
+from llmft.runtime import is_main_process  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
 __all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
@@ -409,6 +413,47 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
 _keyword_signature(build_dpo_trainer, DPOOptions, "dpo_config")
 
 
+class RunningTotals(TrainerCallback):
+    """Resume the running totals that transformers and TRL keep only in memory, from the resumed checkpoint's
+    ``trainer_state.json`` (its ``log_history``, which transformers saves and restores):
+
+    - the loss sum behind ``train_loss`` (``TrainOutput.training_loss`` and the end-of-run log): transformers restarts
+      it at 0 in every ``train()`` call and divides by all steps, so a run resumed at half-way reported about half its
+      loss; it is the sum over the logged losses, each a mean over the steps since the log before it;
+    - TRL's token count (``num_tokens`` in the train logs, ``eval_num_tokens`` in the evaluations), which restarted
+      at 0: its last logged value.
+
+    Both are exact when a log falls on the checkpoint's step, so a log is requested at every save (with
+    ``logging_steps=1``, llmft's default, there is one anyway). Under DDP the logged values are gathered, the same in
+    every process. ``trainer``: the trainer this callback is added to (:func:`attach_training_control` does)."""
+
+    def __init__(self, trainer):
+        self._trainer = weakref.ref(trainer)  # the trainer holds its callbacks: no cycle
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is None or not state.global_step:
+            return
+        loss_sum, previous, tokens = 0.0, 0, None
+        for entry in state.log_history:  # the checkpoint's, in order; restored with the trainer state
+            step = int(entry.get("step", 0))
+            if "loss" in entry and step <= state.global_step:
+                loss_sum += float(entry["loss"]) * (step - previous)
+                previous = step
+                tokens = entry.get("num_tokens", tokens)
+        # transformers zeroes these just before on_train_begin (Trainer._inner_training_loop): add what came before
+        if hasattr(trainer, "_total_loss_scalar"):
+            trainer._total_loss_scalar += loss_sum
+        if tokens is not None and hasattr(trainer, "_total_train_tokens"):
+            trainer._total_train_tokens = type(trainer._total_train_tokens)(tokens)
+
+
 def attach_training_control(trainer, config: TrainingControlConfig | None = None, **options):
     """Add llmft's training control to any transformers/TRL trainer (SFT, DPO, ...): metrics CSV, best checkpoint
     and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp,
@@ -445,6 +490,7 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
         trainer.add_callback(cb.RetentionGuard(c.retain, c.retain_patience))
     trainer.add_callback(cb.NonFiniteLossGuard())
     trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
+    trainer.add_callback(RunningTotals(trainer))
     trainer.args.restore_callback_states_from_checkpoint = True
     return trainer
 
@@ -471,21 +517,95 @@ def _probe_callback(trainer, probes, retain, evaluates):
     return prober
 
 
-def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, float, str]]:
-    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's ``output_dir`` (one whose
-    trainer_state.json was written: transformers writes it last), in step order."""
+CHECKED_JSON = ("trainer_state.json", "adapter_config.json", "config.json")  # what a resume or an adapter load reads
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files: zip archives (optimizer, scheduler, RNG, .bin weights)
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin",
+                "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` (a file of a checkpoint) cannot be read to its end, or None. Only what the formats allow cheaply:
+    JSON parses; a safetensors file covers every tensor its header lists (safetensors' own check when it opens a file;
+    a cut file fails it); a torch file has the zip central directory it writes last."""
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path.name} is empty (0 bytes)"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"{path.name} is cut or not JSON ({size} bytes; {exc})"
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+            return f"{path.name} is cut or unreadable ({size} bytes; {exc})"
+    elif path.suffix in TORCH_SUFFIXES:
+        with path.open("rb") as handle:
+            zipped = handle.read(2) == b"PK"  # torch's format since 1.6; an older pickle file is not checked
+        if zipped:
+            try:
+                zipfile.ZipFile(path).close()
+            except zipfile.BadZipFile:
+                return f"{path.name} is cut ({size} bytes, its end is missing: not a whole torch file)"
+    return None
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why the ``checkpoint-N`` folder ``checkpoint`` is not complete, naming the file, or None when it is.
+
+    Complete means what resuming from it reads is whole: ``trainer_state.json`` parses and holds ``global_step``
+    (transformers writes it last, with a plain ``open(..., "w")``: a kill or a full disk at that moment leaves it
+    empty or cut), model weights are there (``adapter_model.safetensors`` for LoRA), and every file a resume or an
+    adapter load reads — the weights, ``adapter_config.json``, ``optimizer.pt``, ``scheduler.pt``, the RNG states, in
+    the folder and in its adapter subfolders (DPO's ``ref/``) — reads to its end (see :func:`_file_problem`).
+    Tokenizer files are not read by a resume and not checked."""
+    root = Path(checkpoint)
+    state = root / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (transformers writes it last: the save did not finish)"
+    folders = [root] + sorted(child for child in root.iterdir() if child.is_dir())
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and (path.name in CHECKED_JSON or path.name.endswith(".index.json")
+                                   or path.suffix in (".safetensors",) + TORCH_SUFFIXES):
+                problem = _file_problem(path)
+                if problem:
+                    return problem if folder == root else f"{folder.name}/{problem}"
+    if "global_step" not in json.loads(state.read_text()):
+        return "trainer_state.json has no global_step (not written by a transformers Trainer)"
+    if not any((root / name).is_file() for name in WEIGHT_FILES):
+        return f"no model weights (none of {', '.join(WEIGHT_FILES[:2])}, ...)"
+    return None
+
+
+def checkpoints(output_dir: str | os.PathLike, *, verbose: bool = True) -> list[tuple[int, float, str]]:
+    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's ``output_dir`` (see
+    :func:`checkpoint_problem`), in step order. An incomplete one is skipped with a warning naming it and why (with
+    ``verbose``): a resume falls back to the newest complete checkpoint before it."""
     found = []
     for path in Path(output_dir).glob("checkpoint-*"):
-        state = path / "trainer_state.json"
-        if path.name.split("-")[-1].isdigit() and state.exists():
-            info = json.loads(state.read_text())
-            found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
+        if not (path.is_dir() and path.name.split("-")[-1].isdigit()):
+            continue
+        problem = checkpoint_problem(path)
+        if problem:
+            if verbose and is_main_process():
+                logger.warning(f"llmft: skipping {path}: {problem}")
+            continue
+        info = json.loads((path / "trainer_state.json").read_text())
+        found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (see :func:`checkpoints`), or None."""
-    found = checkpoints(output_dir)
+def latest_checkpoint(output_dir: str | os.PathLike, *, verbose: bool = True) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (see :func:`checkpoints`, which says which it skipped
+    and why), or None."""
+    found = checkpoints(output_dir, verbose=verbose)
     return found[-1][2] if found else None
 
 
@@ -527,6 +647,65 @@ def _load_root_adapter(trainer, checkpoint: str) -> None:
         model.load_adapter(str(root), "default", is_trainable=True)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip writer reports a failed write (a full disk among them) without the errno: "[enforce fail at
+# inline_container.cc:672] . unexpected pos 704 vs 598" or "PytorchStreamWriter failed writing file ...".
+TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _checkpoint_bytes(trainer, output_dir: Path) -> int:
+    """About what one checkpoint takes: the newest complete one's size, else the trainable weights in their dtype
+    plus AdamW's two float32 moments per weight."""
+    newest = latest_checkpoint(output_dir, verbose=False)
+    if newest:
+        return _folder_bytes(Path(newest))
+    return sum(p.numel() * (p.element_size() + 8) for p in trainer.model.parameters() if p.requires_grad)
+
+
+def _no_space_error(trainer, exc: BaseException) -> OSError | None:
+    """When ``exc`` comes from a full disk (an ENOSPC/EDQUOT anywhere in its chain, safetensors' "No space left on
+    device (os error 28)", or torch's failed zip write with less free space than a checkpoint takes), the error to
+    raise instead: where, how much is free, how much a checkpoint needs, what to do. A checkpoint left incomplete by
+    the failure is removed (it cannot be resumed from and holds the space the next save needs)."""
+    import shutil
+
+    out = Path(trainer.args.output_dir)
+    texts = [str(e) for e in _causes(exc)]
+    full = any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in _causes(exc)) or any(
+        "No space left on device" in t or "os error 28" in t or "Disk quota exceeded" in t for t in texts)
+    torch_write = any(marker in t for t in texts for marker in TORCH_WRITE_FAILED)
+    if not (full or torch_write) or not out.is_dir():
+        return None
+    need = _checkpoint_bytes(trainer, out)
+    if not full and shutil.disk_usage(out).free >= need:
+        return None  # a failed write with room to spare: not a full disk, leave the error as it is
+    removed = ""
+    partial = out / f"checkpoint-{trainer.state.global_step}"
+    if partial.is_dir() and checkpoint_problem(partial) and is_main_process(trainer.args):
+        shutil.rmtree(partial, ignore_errors=True)
+        removed = f" The incomplete {partial.name} it was writing was removed."
+    free = shutil.disk_usage(out).free
+    newest = latest_checkpoint(out, verbose=False)
+    then = f"resumes from {Path(newest).name}" if newest else "starts from the beginning (no complete checkpoint)"
+    return OSError(errno.ENOSPC, f"no space left on {out}: {free / 1e6:.1f} MB free, a checkpoint needs about "
+                                 f"{need / 1e6:.1f} MB (step {trainer.state.global_step}).{removed} metrics.csv and the "
+                                 "complete checkpoints are intact. Free some space (older runs' folders, a lower "
+                                 "save_total_limit) or give an output_dir on a larger disk, then run llmft.train again: "
+                                 f"in the same output_dir it {then}.")
+
+
 def train(trainer, resume: bool | str | None = "auto"):
     """Train, resuming after a disconnect: ``resume="auto"`` continues from the newest complete checkpoint in the
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
@@ -541,11 +720,24 @@ def train(trainer, resume: bool | str | None = "auto"):
                                     "use resume='auto' to start fresh when there is none")
     elif isinstance(resume, (str, os.PathLike)):
         checkpoint = str(resume)
-        if not (Path(checkpoint) / "trainer_state.json").exists():
-            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint (no trainer_state.json)")
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): no such checkpoint folder")
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            newest = latest_checkpoint(Path(checkpoint).parent, verbose=False)
+            hint = (f"resume from {newest} (the newest complete one)" if newest and newest != checkpoint
+                    else "start fresh with resume=False")
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint: {problem}; {hint}, "
+                                    "or resume='auto' to take the newest complete one")
     if checkpoint:
         say(f"llmft.train: resuming from {checkpoint}")
         _load_root_adapter(trainer, checkpoint)
         if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
             _allow_indexed_cpu_map_location()
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        no_space = _no_space_error(trainer, exc)
+        if no_space is None:
+            raise
+        raise no_space from exc
