@@ -691,16 +691,16 @@ def _no_space_error(trainer, exc: BaseException) -> OSError | None:
     need = _checkpoint_bytes(trainer, out)
     if not full and shutil.disk_usage(out).free >= need:
         return None  # a failed write with room to spare: not a full disk, leave the error as it is
-    removed = ""
-    partial = out / f"checkpoint-{trainer.state.global_step}"
+    step = trainer.state.global_step
+    partial, removed = out / f"checkpoint-{step}", ""
     if partial.is_dir() and checkpoint_problem(partial) and is_main_process(trainer.args):
         shutil.rmtree(partial, ignore_errors=True)
-        removed = f" The incomplete {partial.name} it was writing was removed."
+        removed = f"; the incomplete {partial.name} it was writing was removed"
     free = shutil.disk_usage(out).free
     newest = latest_checkpoint(out, verbose=False)
     then = f"resumes from {Path(newest).name}" if newest else "starts from the beginning (no complete checkpoint)"
     return OSError(errno.ENOSPC, f"no space left on {out}: {free / 1e6:.1f} MB free, a checkpoint needs about "
-                                 f"{need / 1e6:.1f} MB (step {trainer.state.global_step}).{removed} metrics.csv and the "
+                                 f"{need / 1e6:.1f} MB. Training stopped at step {step}{removed}; metrics.csv and the "
                                  "complete checkpoints are intact. Free some space (older runs' folders, a lower "
                                  "save_total_limit) or give an output_dir on a larger disk, then run llmft.train again: "
                                  f"in the same output_dir it {then}.")

@@ -10,7 +10,9 @@ import sys
 from collections import Counter
 
 import pytest
-from transformers import TrainerCallback
+
+import llmft  # noqa: F401  (Unsloth before transformers, as llmft guarantees)
+from transformers import TrainerCallback  # noqa: E402
 
 from conftest import REPO, same_after_resume
 
@@ -278,13 +280,13 @@ ls "$DISK/run" > "$LOGS/listing.txt"
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("unshare") is None or not _user_namespaces(),
                     reason="needs Linux user namespaces (unshare -rm) to mount a small tmpfs without root")
 def test_full_tmpfs_during_a_checkpoint(tmp_path):
-    """B4 on a real full disk: the resume worker's run (checkpoints every 5 steps, each ~0.2 MB) in a 640 KB tmpfs
+    """B4 on a real full disk: the resume worker's run (checkpoints every 5 steps, each ~0.2 MB) in a 560 KB tmpfs
     mounted in a private mount namespace. The first save that does not fit stops the run with the message (not torch's
     inline_container error); after the disk grows, the same command resumes and finishes."""
     disk, logs = tmp_path / "disk", tmp_path / "logs"
     disk.mkdir()
     logs.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SIZE": "640k", "DISK": str(disk), "LOGS": str(logs),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SIZE": "560k", "DISK": str(disk), "LOGS": str(logs),
            "PYTHON": sys.executable, "WORKER": str(REPO / "tests" / "resume_worker.py")}
     done = subprocess.run(["unshare", "-rm", "sh", "-c", DISK_FULL_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=800, cwd=tmp_path)
