@@ -3,7 +3,11 @@
 Importing llmft imports Unsloth first (it must patch transformers/TRL/PEFT before they load) and, on Kaggle's
 2xT4, pins training to GPU 0 unless CUDA_VISIBLE_DEVICES is already set.
 """
-from llmft._unsloth import import_unsloth as _import_unsloth
+from llmft.runtime import die_with_launcher as _die_with_launcher
+
+_die_with_launcher()  # a torchrun worker goes down with its launcher (torchrun gives each worker its own session)
+
+from llmft._unsloth import import_unsloth as _import_unsloth  # noqa: E402
 
 _import_unsloth()  # before anything below imports trl/transformers
 

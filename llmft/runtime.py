@@ -106,16 +106,68 @@ def any_process(flag: bool) -> bool:
     return any(gather_object([bool(flag)]))
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _pdeathsig_setter():
+    """A function ``(signal) -> bool`` asking Linux to send ``signal`` to this process when its parent exits
+    (``prctl(PR_SET_PDEATHSIG)``), resolved now so that calling it runs no loader code (it is also called between
+    fork and exec); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda signum: prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+
+
+def die_with_parent(signum: int | None = None, parent: int | None = None) -> bool:
+    """Linux: have ``signum`` (default SIGKILL) sent to this process when its parent process exits, however it exits
+    (``prctl(PR_SET_PDEATHSIG)``; strictly, when the parent's thread that started it exits). ``parent``: the parent's
+    pid as the parent knew it; if this process already has another parent (the parent died before the request), the
+    signal is sent at once. Returns whether the request was made (False off Linux: nothing is done)."""
+    import signal
+
+    signum = signal.SIGKILL if signum is None else signum
+    setter = _pdeathsig_setter()
+    if setter is None or not setter(signum):
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return True
+
+
+def die_with_launcher() -> bool:
+    """In a worker started by torchrun (or ``accelerate launch``, which runs torchrun's agent; both set
+    ``TORCHELASTIC_RUN_ID``): die with the launcher. torchrun starts each worker in a session of its own, so a kill of
+    the launcher's process group (a notebook kernel restarted or killed) used to leave the workers training to the
+    end, writing into ``output_dir`` while the cell was run again. ``import llmft`` calls it first thing; returns
+    whether it applies and was set up. (A launcher killed in the instant between a worker's start and its ``import
+    llmft`` is not seen: the worker then has its new parent already.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    return die_with_parent()
+
+
 def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, processes: int = 2, smoke: bool = False,
-                    check: bool = True) -> int:
+                    check: bool = True, stop_timeout: float = 30.0) -> int:
     """Run a recipe file on ``processes`` GPUs from a notebook cell: ``python -m torch.distributed.run --standalone
     --nproc_per_node=N -m llmft COMMAND RECIPE`` (that is, ``torchrun``), one process per GPU, its output printed as it
     comes. Returns the exit status; ``check`` raises when it fails (a ``!torchrun`` line in a cell does not stop the
     notebook when it fails).
 
+    The processes go down with the cell: an interrupt stops torchrun, which stops its workers (SIGTERM; SIGKILL
+    after ``stop_timeout`` seconds); when this process dies (a kernel restart or crash, a kill), Linux sends torchrun
+    SIGTERM, and each worker gets SIGKILL when torchrun dies (:func:`die_with_launcher`, set up by ``import llmft`` in
+    the workers).
+
     In a Kaggle kernel where ``import llmft`` pinned GPU 0 (``CUDA_VISIBLE_DEVICES=0``), the child processes would
     inherit the pin and share that one GPU: the pin is left out of their environment (a value you set yourself is
     kept)."""
+    import signal
     import subprocess
 
     from llmft._unsloth import pinned_gpu
@@ -126,13 +178,41 @@ def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, proces
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
             "-m", "llmft", command, str(recipe), *(["--smoke"] if smoke else [])]
     print("llmft: torchrun " + " ".join(args[3:]), flush=True)
-    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-        for line in child.stdout:  # a notebook shows a child's output only when the kernel prints it
-            print(line, end="", flush=True)
+    setter, parent = _pdeathsig_setter(), os.getpid()
+
+    def die_with_this_process():  # in the child, before exec; torchrun's SIGTERM handler stops its workers
+        if setter(signal.SIGTERM) and os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=die_with_this_process if setter else None) as child:
+        try:
+            for line in child.stdout:  # a notebook shows a child's output only when the kernel prints it
+                print(line, end="", flush=True)
+        except BaseException:  # an interrupt (KeyboardInterrupt) or a failure here: the job must not outlive it
+            _stop(child, stop_timeout)
+            raise
     if check and child.returncode != 0:
         raise RuntimeError(f"torchrun_recipe({str(recipe)!r}, {command!r}): the {processes} processes exited with "
                            f"status {child.returncode}; the lines above say why (the first traceback is the cause)")
     return child.returncode
+
+
+def _stop(child, timeout: float) -> None:
+    """Stop a torchrun launcher and so its workers: it may be stopping already (an interrupt in a notebook reaches
+    the kernel's whole process group), else SIGTERM, which torchrun passes on to its workers; SIGKILL when it has
+    not exited within ``timeout`` seconds (its workers then die with it, see :func:`die_with_launcher`)."""
+    import subprocess
+
+    for stop, wait in ((None, 3.0), (child.terminate, timeout), (child.kill, None)):
+        if child.poll() is not None:
+            return
+        if stop is not None:
+            stop()
+        try:
+            child.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def cpu_allowed() -> bool:

@@ -649,8 +649,8 @@ def _load_root_adapter(trainer, checkpoint: str) -> None:
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # torch.save's zip writer reports a failed write (a full disk among them) without the errno: "[enforce fail at
-# inline_container.cc:672] . unexpected pos 704 vs 598" or "PytorchStreamWriter failed writing file ...".
-TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+# inline_container.cc:672] . unexpected pos 704 vs 598", "basic_ios::clear: iostream error" (both seen on a full tmpfs).
+TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "iostream error")
 
 
 def _causes(exc: BaseException):
