@@ -461,7 +461,10 @@ def test_workers_die_with_a_killed_torchrun(tmp_path):
 def test_torchrun_recipe_goes_down_with_its_cell(tmp_path, how):
     """B5: ``llmft.torchrun_recipe`` from a notebook kernel (here a python process in a session of its own, as
     Jupyter starts kernels): a kernel restart SIGKILLs the kernel's process group, a crash or kill ends the kernel
-    alone, an interrupt raises KeyboardInterrupt in the cell. In each case torchrun and both workers end."""
+    alone, an interrupt raises KeyboardInterrupt in the cell. In each case torchrun and both workers end. (Before,
+    they ended too, 7-9 s later and by accident: the first worker died printing into the dead kernel's pipe, the second
+    lost its peer; over NCCL a lost peer can hang until the collective times out. The test above, with the output in a
+    file, shows the workers outliving a killed torchrun.)"""
     import uuid
 
     recipe, out = _recipe(tmp_path, "long", "train", **LONG)
