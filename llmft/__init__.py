@@ -8,8 +8,12 @@ moment. What ``import llmft`` guarantees at once:
   load; TRL 1.15 on a CPU even fails in SFT/DPO otherwise): see :func:`llmft._unsloth.unsloth_before_transformers`.
 - On Kaggle's 2xT4, training is pinned to GPU 0 before torch starts, unless CUDA_VISIBLE_DEVICES is already set.
 """
-from llmft._unsloth import pin_single_gpu_on_kaggle as _pin_single_gpu_on_kaggle
-from llmft._unsloth import unsloth_before_transformers as _unsloth_before_transformers
+from llmft.environment import die_with_launcher as _die_with_launcher
+
+_die_with_launcher()  # a torchrun worker goes down with its launcher (torchrun gives each worker its own session)
+
+from llmft._unsloth import pin_single_gpu_on_kaggle as _pin_single_gpu_on_kaggle  # noqa: E402
+from llmft._unsloth import unsloth_before_transformers as _unsloth_before_transformers  # noqa: E402
 
 _pin_single_gpu_on_kaggle()
 _unsloth_before_transformers()
@@ -19,7 +23,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "models": ("load_model", "save_adapters", "export_merged", "pick_dtype"),
-    "runtime": ("output_dir", "preflight", "NoGPUError", "torchrun_recipe"),
+    "runtime": ("output_dir", "preflight", "NoGPUError"),
+    "recipes": ("torchrun_recipe",),
     "analysis": ("intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep"),
     "trainers": ("build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
                  "DistillSFTTrainer"),

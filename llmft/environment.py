@@ -93,3 +93,49 @@ def any_process(flag: bool) -> bool:
 def cpu_allowed() -> bool:
     """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
     return smoke_mode() or _truthy(os.environ.get(ALLOW_CPU_ENV))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _pdeathsig_setter():
+    """A function ``(signal) -> bool`` asking Linux to send ``signal`` to this process when its parent exits
+    (``prctl(PR_SET_PDEATHSIG)``), resolved now so that calling it runs no loader code (it is also called between
+    fork and exec); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda signum: prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+
+
+def die_with_parent(signum: int | None = None, parent: int | None = None) -> bool:
+    """Linux: have ``signum`` (default SIGKILL) sent to this process when its parent process exits, however it exits
+    (``prctl(PR_SET_PDEATHSIG)``; strictly, when the parent's thread that started it exits). ``parent``: the parent's
+    pid as the parent knew it; if this process already has another parent (the parent died before the request), the
+    signal is sent at once. Returns whether the request was made (False off Linux: nothing is done)."""
+    import signal
+
+    signum = signal.SIGKILL if signum is None else signum
+    setter = _pdeathsig_setter()
+    if setter is None or not setter(signum):
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return True
+
+
+def die_with_launcher() -> bool:
+    """In a worker started by torchrun (or ``accelerate launch``, which runs torchrun's agent; both set
+    ``TORCHELASTIC_RUN_ID``): die with the launcher. torchrun starts each worker in a session of its own, so a kill of
+    the launcher's process group (a notebook kernel restarted or killed) used to leave the workers training to the
+    end, writing into ``output_dir`` while the cell was run again. ``import llmft`` calls it first thing; returns
+    whether it applies and was set up. (A launcher killed in the instant between a worker's start and its ``import
+    llmft`` is not seen: the worker then has its new parent already.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    return die_with_parent()

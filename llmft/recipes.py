@@ -28,14 +28,15 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmft.configs import ConfigError, DPOOptions, SFTOptions, check_names, field_names, options_from
 from llmft.data import DataError
 from llmft.log import say
-from llmft.environment import DEFAULT_SEED
-from llmft.environment import is_main_process
+from llmft.environment import DEFAULT_SEED, is_main_process
 
 SECTIONS = ("model", "data", "training", "smoke")
 TESTING_MODEL = "testing:tiny_model"
@@ -248,3 +249,67 @@ def run_recipe(source, command: str = "train", *, smoke: bool | None = None, cal
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     say(f"llmft {command}: {result.global_step} steps; results in {out}")
     return summary
+
+
+def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, processes: int = 2, smoke: bool = False,
+                    check: bool = True, stop_timeout: float = 30.0) -> int:
+    """Run a recipe file on ``processes`` GPUs from a notebook cell: ``python -m torch.distributed.run --standalone
+    --nproc_per_node=N -m llmft COMMAND RECIPE`` (that is, ``torchrun``), one process per GPU, its output printed as it
+    comes. Returns the exit status; ``check`` raises when it fails (a ``!torchrun`` line in a cell does not stop the
+    notebook when it fails).
+
+    The processes go down with the cell: an interrupt stops torchrun, which stops its workers (SIGTERM; SIGKILL
+    after ``stop_timeout`` seconds); when this process dies (a kernel restart or crash, a kill), Linux sends torchrun
+    SIGTERM, and each worker gets SIGKILL when torchrun dies (:func:`die_with_launcher`, set up by ``import llmft`` in
+    the workers).
+
+    In a Kaggle kernel where ``import llmft`` pinned GPU 0 (``CUDA_VISIBLE_DEVICES=0``), the child processes would
+    inherit the pin and share that one GPU: the pin is left out of their environment (a value you set yourself is
+    kept)."""
+    import signal
+    import subprocess
+
+    from llmft._unsloth import pinned_gpu
+    from llmft.environment import _pdeathsig_setter
+
+    env = dict(os.environ)
+    if pinned_gpu() is not None and env.get("CUDA_VISIBLE_DEVICES") == pinned_gpu():
+        del env["CUDA_VISIBLE_DEVICES"]
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "llmft", command, str(recipe), *(["--smoke"] if smoke else [])]
+    print("llmft: torchrun " + " ".join(args[3:]), flush=True)
+    setter, parent = _pdeathsig_setter(), os.getpid()
+
+    def die_with_this_process():  # in the child, before exec; torchrun's SIGTERM handler stops its workers
+        if setter(signal.SIGTERM) and os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=die_with_this_process if setter else None) as child:
+        try:
+            for line in child.stdout:  # a notebook shows a child's output only when the kernel prints it
+                print(line, end="", flush=True)
+        except BaseException:  # an interrupt (KeyboardInterrupt) or a failure here: the job must not outlive it
+            _stop(child, stop_timeout)
+            raise
+    if check and child.returncode != 0:
+        raise RuntimeError(f"torchrun_recipe({str(recipe)!r}, {command!r}): the {processes} processes exited with "
+                           f"status {child.returncode}; the lines above say why (the first traceback is the cause)")
+    return child.returncode
+
+
+def _stop(child, timeout: float) -> None:
+    """Stop a torchrun launcher and so its workers: it may be stopping already (an interrupt in a notebook reaches
+    the kernel's whole process group), else SIGTERM, which torchrun passes on to its workers; SIGKILL when it has
+    not exited within ``timeout`` seconds (its workers then die with it, see :func:`die_with_launcher`)."""
+    import subprocess
+
+    for stop, wait in ((None, 3.0), (child.terminate, timeout), (child.kill, None)):
+        if child.poll() is not None:
+            return
+        if stop is not None:
+            stop()
+        try:
+            child.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue

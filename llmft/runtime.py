@@ -10,17 +10,15 @@ survive a recycled VM.
   one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
   ``outputs/`` elsewhere.
-- More than one process (``torchrun --nproc_per_node=N`` or ``accelerate launch --multi_gpu``, data parallel):
-  :func:`is_main_process` says whether this process writes llmft's files and messages (only one does),
-  :func:`any_process` turns a per-process decision into one every process shares, :func:`process_rank` /
-  :func:`process_count` / :func:`launched_distributed` say where this process stands; :func:`torchrun_recipe` starts
-  a recipe on several GPUs from a notebook cell.
+- The process and platform helpers notebooks use as ``llmft.runtime.*`` (:func:`is_main_process`,
+  :func:`any_process`, :func:`process_rank`, :func:`process_count`, :func:`launched_distributed`, :func:`on_colab`,
+  :func:`on_kaggle`, :func:`cpu_allowed`) live in :mod:`llmft.environment` and are re-exported here;
+  :func:`llmft.recipes.torchrun_recipe` starts a recipe on several GPUs from a notebook cell.
 """
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
-import sys
 from pathlib import Path
 
 from llmft.environment import (  # noqa: F401  (re-exported: notebooks and recipes use them as llmft.runtime.*)
@@ -42,35 +40,6 @@ _preflight_printed = False
 
 class NoGPUError(RuntimeError):
     """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
-
-
-def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, processes: int = 2, smoke: bool = False,
-                    check: bool = True) -> int:
-    """Run a recipe file on ``processes`` GPUs from a notebook cell: ``python -m torch.distributed.run --standalone
-    --nproc_per_node=N -m llmft COMMAND RECIPE`` (that is, ``torchrun``), one process per GPU, its output printed as it
-    comes. Returns the exit status; ``check`` raises when it fails (a ``!torchrun`` line in a cell does not stop the
-    notebook when it fails).
-
-    In a Kaggle kernel where ``import llmft`` pinned GPU 0 (``CUDA_VISIBLE_DEVICES=0``), the child processes would
-    inherit the pin and share that one GPU: the pin is left out of their environment (a value you set yourself is
-    kept)."""
-    import subprocess
-
-    from llmft._unsloth import pinned_gpu
-
-    env = dict(os.environ)
-    if pinned_gpu() is not None and env.get("CUDA_VISIBLE_DEVICES") == pinned_gpu():
-        del env["CUDA_VISIBLE_DEVICES"]
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", "llmft", command, str(recipe), *(["--smoke"] if smoke else [])]
-    print("llmft: torchrun " + " ".join(args[3:]), flush=True)
-    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-        for line in child.stdout:  # a notebook shows a child's output only when the kernel prints it
-            print(line, end="", flush=True)
-    if check and child.returncode != 0:
-        raise RuntimeError(f"torchrun_recipe({str(recipe)!r}, {command!r}): the {processes} processes exited with "
-                           f"status {child.returncode}; the lines above say why (the first traceback is the cause)")
-    return child.returncode
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:

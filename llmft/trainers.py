@@ -15,19 +15,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import inspect
 import math
 import os
+import weakref
 from pathlib import Path
 
 from llmft._unsloth import import_unsloth
 
 import_unsloth()  # the SFTTrainer subclassed below must be the one Unsloth patched
 
+from transformers import TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from llmft import callbacks as cb  # noqa: E402
-from llmft.checkpoints import checkpoints, latest_checkpoint  # noqa: E402,F401  (also llmft.trainers.*)
+from llmft.checkpoints import checkpoint_problem, checkpoints, latest_checkpoint  # noqa: E402,F401  (also llmft.trainers.*)
 from llmft.configs import (  # noqa: E402
     DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
 )
@@ -35,6 +38,7 @@ from llmft.data import PREFERENCE_COLUMNS, DataError, check_preference_rows, cou
 from llmft.log import say  # noqa: E402
 from llmft.masking import completion_report, mask_responses  # noqa: E402
 from llmft.models import pick_dtype  # noqa: E402
+from llmft.environment import is_main_process  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
 __all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
@@ -487,6 +491,47 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
 _keyword_signature(build_dpo_trainer, DPOOptions, "dpo_config")
 
 
+class RunningTotals(TrainerCallback):
+    """Resume the running totals that transformers and TRL keep only in memory, from the resumed checkpoint's
+    ``trainer_state.json`` (its ``log_history``, which transformers saves and restores):
+
+    - the loss sum behind ``train_loss`` (``TrainOutput.training_loss`` and the end-of-run log): transformers restarts
+      it at 0 in every ``train()`` call and divides by all steps, so a run resumed at half-way reported about half its
+      loss; it is the sum over the logged losses, each a mean over the steps since the log before it;
+    - TRL's token count (``num_tokens`` in the train logs, ``eval_num_tokens`` in the evaluations), which restarted
+      at 0: its last logged value.
+
+    Both are exact when a log falls on the checkpoint's step, so a log is requested at every save (with
+    ``logging_steps=1``, llmft's default, there is one anyway). Under DDP the logged values are gathered, the same in
+    every process. ``trainer``: the trainer this callback is added to (:func:`attach_training_control` does)."""
+
+    def __init__(self, trainer):
+        self._trainer = weakref.ref(trainer)  # the trainer holds its callbacks: no cycle
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is None or not state.global_step:
+            return
+        loss_sum, previous, tokens = 0.0, 0, None
+        for entry in state.log_history:  # the checkpoint's, in order; restored with the trainer state
+            step = int(entry.get("step", 0))
+            if "loss" in entry and step <= state.global_step:
+                loss_sum += float(entry["loss"]) * (step - previous)
+                previous = step
+                tokens = entry.get("num_tokens", tokens)
+        # transformers zeroes these just before on_train_begin (Trainer._inner_training_loop): add what came before
+        if hasattr(trainer, "_total_loss_scalar"):
+            trainer._total_loss_scalar += loss_sum
+        if tokens is not None and hasattr(trainer, "_total_train_tokens"):
+            trainer._total_train_tokens = type(trainer._total_train_tokens)(tokens)
+
+
 def attach_training_control(trainer, config: TrainingControlConfig | None = None, **options):
     """Add llmft's training control to any transformers/TRL trainer (SFT, DPO, ...): metrics CSV, best checkpoint
     and early stopping (only when the trainer evaluates), the non-finite-loss guard, an optional weight-decay ramp,
@@ -523,6 +568,7 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
         trainer.add_callback(cb.RetentionGuard(c.retain, c.retain_patience))
     trainer.add_callback(cb.NonFiniteLossGuard())
     trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
+    trainer.add_callback(RunningTotals(trainer))
     trainer.args.restore_callback_states_from_checkpoint = True
     return trainer
 
@@ -587,6 +633,65 @@ def _load_root_adapter(trainer, checkpoint: str) -> None:
         model.load_adapter(str(root), "default", is_trainable=True)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip writer reports a failed write (a full disk among them) without the errno: "[enforce fail at
+# inline_container.cc:672] . unexpected pos 704 vs 598", "basic_ios::clear: iostream error" (both seen on a full tmpfs).
+TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "iostream error")
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _checkpoint_bytes(trainer, output_dir: Path) -> int:
+    """About what one checkpoint takes: the newest complete one's size, else the trainable weights in their dtype
+    plus AdamW's two float32 moments per weight."""
+    newest = latest_checkpoint(output_dir, verbose=False)
+    if newest:
+        return _folder_bytes(Path(newest))
+    return sum(p.numel() * (p.element_size() + 8) for p in trainer.model.parameters() if p.requires_grad)
+
+
+def _no_space_error(trainer, exc: BaseException) -> OSError | None:
+    """When ``exc`` comes from a full disk (an ENOSPC/EDQUOT anywhere in its chain, safetensors' "No space left on
+    device (os error 28)", or torch's failed zip write with less free space than a checkpoint takes), the error to
+    raise instead: where, how much is free, how much a checkpoint needs, what to do. A checkpoint left incomplete by
+    the failure is removed (it cannot be resumed from and holds the space the next save needs)."""
+    import shutil
+
+    out = Path(trainer.args.output_dir)
+    texts = [str(e) for e in _causes(exc)]
+    full = any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in _causes(exc)) or any(
+        "No space left on device" in t or "os error 28" in t or "Disk quota exceeded" in t for t in texts)
+    torch_write = any(marker in t for t in texts for marker in TORCH_WRITE_FAILED)
+    if not (full or torch_write) or not out.is_dir():
+        return None
+    need = _checkpoint_bytes(trainer, out)
+    if not full and shutil.disk_usage(out).free >= need:
+        return None  # a failed write with room to spare: not a full disk, leave the error as it is
+    step = trainer.state.global_step
+    partial, removed = out / f"checkpoint-{step}", ""
+    if partial.is_dir() and checkpoint_problem(partial) and is_main_process(trainer.args):
+        shutil.rmtree(partial, ignore_errors=True)
+        removed = f"; the incomplete {partial.name} it was writing was removed"
+    free = shutil.disk_usage(out).free
+    newest = latest_checkpoint(out, verbose=False)
+    then = f"resumes from {Path(newest).name}" if newest else "starts from the beginning (no complete checkpoint)"
+    return OSError(errno.ENOSPC, f"no space left on {out}: {free / 1e6:.1f} MB free, a checkpoint needs about "
+                                 f"{need / 1e6:.1f} MB. Training stopped at step {step}{removed}; metrics.csv and the "
+                                 "complete checkpoints are intact. Free some space (older runs' folders, a lower "
+                                 "save_total_limit) or give an output_dir on a larger disk, then run llmft.train again: "
+                                 f"in the same output_dir it {then}.")
+
+
 def train(trainer, resume: bool | str | None = "auto"):
     """Train, resuming after a disconnect: ``resume="auto"`` continues from the newest complete checkpoint in the
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
@@ -601,11 +706,24 @@ def train(trainer, resume: bool | str | None = "auto"):
                                     "use resume='auto' to start fresh when there is none")
     elif isinstance(resume, (str, os.PathLike)):
         checkpoint = str(resume)
-        if not (Path(checkpoint) / "trainer_state.json").exists():
-            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint (no trainer_state.json)")
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): no such checkpoint folder")
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            newest = latest_checkpoint(Path(checkpoint).parent, verbose=False)
+            hint = (f"resume from {newest} (the newest complete one)" if newest and newest != checkpoint
+                    else "start fresh with resume=False")
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint: {problem}; {hint}, "
+                                    "or resume='auto' to take the newest complete one")
     if checkpoint:
         say(f"llmft.train: resuming from {checkpoint}")
         _load_root_adapter(trainer, checkpoint)
         if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
             _allow_indexed_cpu_map_location()
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        no_space = _no_space_error(trainer, exc)
+        if no_space is None:
+            raise
+        raise no_space from exc

@@ -117,3 +117,16 @@ def test_forgetting_demo_compares_runs_against_the_spread():
     assert kd["probe_accuracy"]["beyond_spread"] and kd["mcq_accuracy"]["beyond_spread"]  # sd 0.028 and 0.014
     assert noise["probe_accuracy"]["delta"] == pytest.approx(-0.0) and not noise["probe_accuracy"]["beyond_spread"]
     assert noise["probe_accuracy"]["sd"] == pytest.approx(0.1697, abs=1e-4)  # the larger sd of the two runs
+
+
+def test_every_import_points_down_and_no_module_imports_the_package_face():
+    """The layers contract in pyproject.toml (import-linter, function-local imports counted): a module importing one
+    in a higher layer, two modules of a layer importing each other, or any `import llmft` inside llmft fails here."""
+    import shutil
+    import subprocess
+
+    lint = shutil.which("lint-imports")
+    assert lint, "lint-imports missing: bash scripts/install.sh --dev installs import-linter"
+    out = subprocess.run([lint, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "0 broken" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
