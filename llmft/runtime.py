@@ -135,11 +135,26 @@ def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, proces
     return child.returncode
 
 
-def cpu_allowed() -> bool:
-    """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
+def _cpu_opt_in() -> str | None:
+    """Which opt-in allows the CPU: "smoke" (``LLMFT_SMOKE=1``), "env" (``LLMFT_ALLOW_CPU=1``) or None."""
     from llmft.testing import smoke_mode
 
-    return smoke_mode() or _truthy(os.environ.get(ALLOW_CPU_ENV))
+    if smoke_mode():
+        return "smoke"
+    return "env" if _truthy(os.environ.get(ALLOW_CPU_ENV)) else None
+
+
+def cpu_allowed() -> bool:
+    """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
+    return _cpu_opt_in() is not None
+
+
+def _cpu_reason() -> str:
+    """Why a run is on the CPU, as far as the environment says: the opt-in that is set, or that none is."""
+    return {"smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
+            "env": f"{ALLOW_CPU_ENV}=1 set: on the CPU on purpose"}.get(
+        _cpu_opt_in(), f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or "
+                       "allow_cpu=True) load here")
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:
@@ -227,8 +242,13 @@ def preflight(dtype=None, *, force: bool = False) -> dict:
     if on_kaggle() and os.environ.get("CUDA_VISIBLE_DEVICES") == "0":
         info["notes"].append("Kaggle: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); a second T4 stays idle "
                              "(`torchrun --nproc_per_node=2 -m llmft train ...` uses both).")
-    where = (f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)" if info["gpu"]
-             else "CPU (no CUDA GPU; allowed by smoke mode or LLMFT_ALLOW_CPU)")
+    if info["gpu"]:
+        where = f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)"
+    else:
+        where = f"CPU (no CUDA GPU; {_cpu_reason()})"
+        if not cpu_allowed():
+            info["notes"].append(f"no GPU: load_model of a hub model stops here; to get a T4: {T4_HOWTO} To run on "
+                                 f"the CPU on purpose: {ALLOW_CPU_ENV}=1.")
     line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
             f"(CUDA {info['cuda'] or 'none'}) | Unsloth {info['unsloth']}")
     if (force or not _preflight_printed) and is_main_process():

@@ -84,6 +84,20 @@ def test_preflight_prints_one_line_once_and_notes_two_gpus(no_opt_in, monkeypatc
     assert any("training on GPU 0 only" in note for note in runtime.preflight(force=True)["notes"])
 
 
+
+def test_preflight_on_a_cpu_says_which_opt_in_allowed_it_or_that_none_did(no_opt_in, monkeypatch, capsys):
+    info = runtime.preflight(force=True)
+    out = capsys.readouterr().out
+    assert "CPU (no CUDA GPU; neither smoke mode nor LLMFT_ALLOW_CPU=1 is set" in info["line"]
+    assert "allowed by" not in out  # it used to claim an opt-in that was not there
+    assert "note: no GPU: load_model of a hub model stops here; to get a T4: Colab: Runtime > Change runtime" in out
+    monkeypatch.setenv("LLMFT_ALLOW_CPU", "1")
+    info = runtime.preflight(force=True)
+    assert "CPU (no CUDA GPU; LLMFT_ALLOW_CPU=1 set: on the CPU on purpose)" in info["line"] and not info["notes"]
+    monkeypatch.delenv("LLMFT_ALLOW_CPU")
+    monkeypatch.setenv("LLMFT_SMOKE", "1")
+    assert "CPU (no CUDA GPU; smoke mode (LLMFT_SMOKE=1)" in runtime.preflight(force=True)["line"]
+
 def test_output_dir_by_platform(no_opt_in, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     assert runtime.output_dir("01_sft") == os.path.join("outputs", "01_sft") and (tmp_path / "outputs/01_sft").is_dir()
