@@ -21,7 +21,7 @@ from llmft.configs import DPOOptions, SFTOptions, TrainingControlConfig  # noqa:
 from llmft.experiments import run_experiment  # noqa: E402
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
-from llmft.runtime import NoGPUError, output_dir, preflight, torchrun_recipe  # noqa: E402
+from llmft.runtime import NoGPUError, output_dir, preflight, previous_adapters, torchrun_recipe  # noqa: E402
 from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # noqa: E402
 from llmft.schedulers import chebyshev_schedule, chebyshev_step_schedule  # noqa: E402
 from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
@@ -32,7 +32,7 @@ from llmft.trainers import (  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "load_model", "save_adapters", "export_merged", "pick_dtype",
-    "output_dir", "preflight", "NoGPUError", "torchrun_recipe",
+    "output_dir", "previous_adapters", "preflight", "NoGPUError", "torchrun_recipe",
     "intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep",
     "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig", "DistillSFTTrainer",
     "SFTOptions", "DPOOptions", "TrainingControlConfig", "run_experiment",

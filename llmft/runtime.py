@@ -9,7 +9,8 @@ survive a recycled VM.
   once per process by ``load_model`` (by the main process only under torchrun); Kaggle's two T4s get a note that
   one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
-  ``outputs/`` elsewhere.
+  ``outputs/`` elsewhere; :func:`previous_adapters`: an earlier notebook's adapters from there or, on Kaggle, from its
+  saved output attached under ``/kaggle/input``, or a stop that says how to bring them.
 - More than one process (``torchrun --nproc_per_node=N`` or ``accelerate launch --multi_gpu``, data parallel):
   :func:`is_main_process` says whether this process writes llmft's files and messages (only one does),
   :func:`any_process` turns a per-process decision into one every process shares, :func:`process_rank` /
@@ -32,6 +33,7 @@ DRIVE_ENV = "LLMFT_DRIVE"
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/llmft"
 KAGGLE_WORKING = "/kaggle/working"
+KAGGLE_INPUT = "/kaggle/input"
 
 _preflight_printed = False
 
@@ -287,3 +289,42 @@ def output_dir(name: str = "", *, drive: bool | None = None) -> str:
     path = os.path.join(root, name) if name else root
     Path(path).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def previous_adapters(name: str, *, made_by: str, drive: bool | None = None, missing_ok: bool = False,
+                      switch: str = "missing_ok=True") -> str | None:
+    """The adapters an earlier notebook saved, ``output_dir(name)/adapters``, for a notebook that continues from them
+    (02 from 01's, 03 from 01's and 02's). Each notebook runs in its own Colab or Kaggle session, so they are looked
+    for where the earlier one can leave them:
+
+    - :func:`output_dir` ``(name, drive=drive)``: the same machine or session; on Colab, Google Drive when mounted
+      (``drive=True`` mounts it), where the earlier notebook wrote them with ``DRIVE = True``;
+    - Kaggle: ``/kaggle/input/**/<name>/adapters``, the earlier notebook's saved output attached as an input.
+
+    Returns the folder (it holds ``adapter_config.json``). When there is none: with ``missing_ok`` None and a line
+    saying so (the caller starts from the base model), else :class:`FileNotFoundError` saying how to bring them
+    (``switch`` names the caller's setting that allows going on without them)."""
+    import glob
+
+    here = os.path.join(output_dir(name, drive=drive), "adapters")
+    looked = [here]
+    candidates = [here]
+    if on_kaggle():
+        pattern = os.path.join(KAGGLE_INPUT, "**", name, "adapters")
+        looked.append(pattern)
+        candidates += sorted(glob.glob(pattern, recursive=True))
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return folder
+    if missing_ok:
+        print(f"llmft: no adapters from {made_by} (looked in {', '.join(looked)}); going on without them ({switch}).")
+        return None
+    raise FileNotFoundError(
+        f"The adapters of {made_by} are not here (looked in {', '.join(looked)}). Each notebook runs in its own "
+        f"session, so bring them over:\n"
+        f"- Colab: run {made_by} with DRIVE = True (it saves to Google Drive, {DRIVE_ROOT}/{name}), then set DRIVE = "
+        f"True in this notebook's settings too: it mounts Drive and finds them there.\n"
+        f"- Kaggle: run {made_by} and Save Version; in this notebook, Add Input > Your Work > Notebooks > that "
+        f"notebook: its output appears under {KAGGLE_INPUT}/<its name>/ and {name}/adapters is found there.\n"
+        f"- Elsewhere: run {made_by} in this working directory first (it writes {here}).\n"
+        f"Or go on without them: {switch} in this notebook's settings.")
