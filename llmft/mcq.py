@@ -180,8 +180,6 @@ def read_submission(path: str | os.PathLike):
 def validate_submission(submission, test_rows=None) -> None:
     """Raise :class:`SubmissionError` unless the submission has columns ``task_id,answer``, each task_id once, no
     empty answer, and (with ``test_rows``) exactly the test set's task_ids with answers within each row's choices."""
-    import pandas as pd
-
     where = f"{submission}: " if isinstance(submission, (str, os.PathLike)) else ""
     frame = read_submission(submission) if where else submission.astype(str)
     if list(frame.columns) != ["task_id", "answer"]:
