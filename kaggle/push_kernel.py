@@ -7,8 +7,9 @@
 --wheelhouse OWNER/SLUG (a dataset built by kaggle/build_wheelhouse.sh) attaches it, turns the internet off and
 points the notebook's install cell at /kaggle/input/SLUG: it installs with pip --no-index from there.
 
-Checks the notebook (valid, no secrets) and the metadata (id/title slug, booleans, T4 machine shape) first; with
---dry-run it stops there and prints the commands it would run.
+Checks the notebook (valid, no secrets in any cell's source or outputs: a secret stops it before anything is written,
+naming the cell and the form, never the secret) and the metadata (id/title slug, booleans, T4 machine shape) first;
+with --dry-run it stops there and prints the commands it would run.
 """
 import argparse
 import sys

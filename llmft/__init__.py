@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "models": ("load_model", "save_adapters", "export_merged", "pick_dtype"),
-    "runtime": ("output_dir", "preflight", "NoGPUError"),
+    "runtime": ("output_dir", "previous_adapters", "preflight", "NoGPUError"),
     "recipes": ("torchrun_recipe",),
     "analysis": ("intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep"),
     "trainers": ("build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",

@@ -20,7 +20,9 @@ import warnings
 
 from llmft.log import say
 MIN_UNSLOTH_FOR_CPU = (2026, 10, 9)
-INSTALL_HINT = "Install the pinned stack with `bash scripts/install.sh` (see README.md)."
+INSTALL_HINT = ("Install the pinned stack: in a notebook, re-run its install cell (the first code cell; it runs "
+                "`bash llmft-src/scripts/install.sh` and says which step failed), restarting the runtime first if "
+                "torch changed; from a clone of the repository, `bash scripts/install.sh` (see README.md).")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

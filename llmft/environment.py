@@ -90,9 +90,16 @@ def any_process(flag: bool) -> bool:
     return any(gather_object([bool(flag)]))
 
 
+def cpu_opt_in() -> str | None:
+    """Which opt-in allows the CPU: "smoke" (``LLMFT_SMOKE=1``), "env" (``LLMFT_ALLOW_CPU=1``) or None."""
+    if smoke_mode():
+        return "smoke"
+    return "env" if _truthy(os.environ.get(ALLOW_CPU_ENV)) else None
+
+
 def cpu_allowed() -> bool:
     """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
-    return smoke_mode() or _truthy(os.environ.get(ALLOW_CPU_ENV))
+    return cpu_opt_in() is not None
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

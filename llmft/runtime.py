@@ -9,7 +9,8 @@ survive a recycled VM.
   once per process by ``load_model`` (by the main process only under torchrun); Kaggle's two T4s get a note that
   one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
-  ``outputs/`` elsewhere.
+  ``outputs/`` elsewhere; :func:`previous_adapters`: an earlier notebook's adapters from there or, on Kaggle, from its
+  saved output attached under ``/kaggle/input``, or a stop that says how to bring them.
 - The process and platform helpers notebooks use as ``llmft.runtime.*`` (:func:`is_main_process`,
   :func:`any_process`, :func:`process_rank`, :func:`process_count`, :func:`launched_distributed`, :func:`on_colab`,
   :func:`on_kaggle`, :func:`cpu_allowed`) live in :mod:`llmft.environment` and are re-exported here;
@@ -22,7 +23,7 @@ import os
 from pathlib import Path
 
 from llmft.environment import (  # noqa: F401  (re-exported: notebooks and recipes use them as llmft.runtime.*)
-    ALLOW_CPU_ENV, _int_env, _truthy, any_process, cpu_allowed, is_main_process, launched_distributed, on_colab, on_kaggle,
+    ALLOW_CPU_ENV, _int_env, _truthy, any_process, cpu_allowed, cpu_opt_in, is_main_process, launched_distributed, on_colab, on_kaggle,
     process_count, process_rank,
 )
 
@@ -34,12 +35,21 @@ DRIVE_ENV = "LLMFT_DRIVE"
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/llmft"
 KAGGLE_WORKING = "/kaggle/working"
+KAGGLE_INPUT = "/kaggle/input"
 
 _preflight_printed = False
 
 
 class NoGPUError(RuntimeError):
     """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
+
+
+def _cpu_reason() -> str:
+    """Why a run is on the CPU, as far as the environment says: the opt-in that is set, or that none is."""
+    return {"smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
+            "env": f"{ALLOW_CPU_ENV}=1 set: on the CPU on purpose"}.get(
+        cpu_opt_in(), f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or "
+                      "allow_cpu=True) load here")
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:
@@ -127,8 +137,13 @@ def preflight(dtype=None, *, force: bool = False) -> dict:
     if on_kaggle() and os.environ.get("CUDA_VISIBLE_DEVICES") == "0":
         info["notes"].append("Kaggle: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); a second T4 stays idle "
                              "(`torchrun --nproc_per_node=2 -m llmft train ...` uses both).")
-    where = (f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)" if info["gpu"]
-             else "CPU (no CUDA GPU; allowed by smoke mode or LLMFT_ALLOW_CPU)")
+    if info["gpu"]:
+        where = f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)"
+    else:
+        where = f"CPU (no CUDA GPU; {_cpu_reason()})"
+        if not cpu_allowed():
+            info["notes"].append(f"no GPU: load_model of a hub model stops here; to get a T4: {T4_HOWTO} To run on "
+                                 f"the CPU on purpose: {ALLOW_CPU_ENV}=1.")
     line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
             f"(CUDA {info['cuda'] or 'none'}) | Unsloth {info['unsloth']}")
     if (force or not _preflight_printed) and is_main_process():
@@ -167,3 +182,42 @@ def output_dir(name: str = "", *, drive: bool | None = None) -> str:
     path = os.path.join(root, name) if name else root
     Path(path).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def previous_adapters(name: str, *, made_by: str, drive: bool | None = None, missing_ok: bool = False,
+                      switch: str = "missing_ok=True") -> str | None:
+    """The adapters an earlier notebook saved, ``output_dir(name)/adapters``, for a notebook that continues from them
+    (02 from 01's, 03 from 01's and 02's). Each notebook runs in its own Colab or Kaggle session, so they are looked
+    for where the earlier one can leave them:
+
+    - :func:`output_dir` ``(name, drive=drive)``: the same machine or session; on Colab, Google Drive when mounted
+      (``drive=True`` mounts it), where the earlier notebook wrote them with ``DRIVE = True``;
+    - Kaggle: ``/kaggle/input/**/<name>/adapters``, the earlier notebook's saved output attached as an input.
+
+    Returns the folder (it holds ``adapter_config.json``). When there is none: with ``missing_ok`` None and a line
+    saying so (the caller starts from the base model), else :class:`FileNotFoundError` saying how to bring them
+    (``switch`` names the caller's setting that allows going on without them)."""
+    import glob
+
+    here = os.path.join(output_dir(name, drive=drive), "adapters")
+    looked = [here]
+    candidates = [here]
+    if on_kaggle():
+        pattern = os.path.join(KAGGLE_INPUT, "**", name, "adapters")
+        looked.append(pattern)
+        candidates += sorted(glob.glob(pattern, recursive=True))
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return folder
+    if missing_ok:
+        print(f"llmft: no adapters from {made_by} (looked in {', '.join(looked)}); going on without them ({switch}).")
+        return None
+    raise FileNotFoundError(
+        f"The adapters of {made_by} are not here (looked in {', '.join(looked)}). Each notebook runs in its own "
+        f"session, so bring them over:\n"
+        f"- Colab: run {made_by} with DRIVE = True (it saves to Google Drive, {DRIVE_ROOT}/{name}), then set DRIVE = "
+        f"True in this notebook's settings too: it mounts Drive and finds them there.\n"
+        f"- Kaggle: run {made_by} and Save Version; in this notebook, Add Input > Your Work > Notebooks > that "
+        f"notebook: its output appears under {KAGGLE_INPUT}/<its name>/ and {name}/adapters is found there.\n"
+        f"- Elsewhere: run {made_by} in this working directory first (it writes {here}).\n"
+        f"Or go on without them: {switch} in this notebook's settings.")

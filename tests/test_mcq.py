@@ -152,6 +152,21 @@ def test_accuracy_confusion_and_baseline():
     assert matrix.loc["C", "B"] == 1 and matrix.loc["total", "total"] == 4
 
 
+
+def test_accuracy_refuses_letters_it_would_silently_count_wrong():
+    with pytest.raises(ValueError, match=r"accuracy: predictions must be capital letters A-J \(None for no answer\); "
+                                         r"2 of 4 are not, at rows 0, 2 \(e.g. 'a', 'c'\).*not normalised.*upper\(\)"):
+        mcq.accuracy(["a", "B", "c", "D"], ["A", "B", "C", "D"])  # was 0.5, silently
+    with pytest.raises(ValueError, match=r"rows 1 \(e.g. ' B'\)"):
+        mcq.accuracy(["A", " B"], ["A", "B"])
+    with pytest.raises(ValueError, match=r"mcq.extract_answer"):
+        mcq.accuracy(["The answer is A"], ["A"])
+    with pytest.raises(ValueError, match=r"accuracy: answers must be capital letters A-J; 1 of 2 are not, at rows 1"):
+        mcq.accuracy(["A", "B"], ["A", "b"])
+    # no answer (predict_by_generation(fallback=None), or pandas' NaN) is a wrong answer, not an error
+    table = mcq.accuracy(["A", None, float("nan"), "D"], ["A", "B", "C", "D"])
+    assert table.loc["all", "accuracy"] == 0.5 and table.loc["all", "n"] == 4
+
 @pytest.fixture()
 def test_rows():
     return pd.DataFrame({"task_id": ["t1", "t2", "t3"], "n_choices": [4, 2, 4]})
@@ -174,6 +189,25 @@ def test_submission_writing_and_validation(tmp_path, test_rows):
             mcq.write_submission(ids, answers, tmp_path / "bad.csv", test_rows)
     assert not (tmp_path / "bad.csv").exists()  # nothing written when invalid
 
+
+
+def test_an_empty_submission_is_refused_with_the_file_named(tmp_path, test_rows):
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("task_id,answer\n")
+    with pytest.raises(mcq.SubmissionError, match=r"header_only.csv: a header and no rows: a submission needs one row"):
+        mcq.validate_submission(header_only)  # was accepted
+    with pytest.raises(mcq.SubmissionError, match="a header and no rows"):
+        mcq.write_submission([], [], tmp_path / "none.csv")
+    assert not (tmp_path / "none.csv").exists()
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(mcq.SubmissionError, match=r"empty.csv: the file is empty \(not even the header"):
+        mcq.validate_submission(empty, test_rows)  # was pandas' EmptyDataError
+    good = mcq.write_submission(["t1", "t2", "t3"], ["A", "B", "C"], tmp_path / "good.csv", test_rows)
+    with pytest.raises(mcq.SubmissionError, match=r"empty.csv: the file is empty"):
+        mcq.majority_vote([good, empty])
+    with pytest.raises(mcq.SubmissionError, match=r"header_only.csv: a header and no rows"):
+        mcq.majority_vote([good, header_only])
 
 def test_majority_vote_with_priority_tie_break(tmp_path):
     answers = {"qwen": ["A", "B", "C", "D"], "llama": ["A", "C", "D", "D"], "phi": ["B", "C", "A", "B"]}

@@ -98,8 +98,11 @@ def test_missing_unsloth_is_explained(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(_unsloth.metadata, "version", missing)
-    with pytest.raises(ImportError, match="not installed.*scripts/install.sh"):
+    with pytest.raises(ImportError, match="not installed.*scripts/install.sh") as err:
         _unsloth.import_unsloth()
+    # in a notebook the script is in the clone the install cell made, and re-running that cell is the way to run it
+    assert "in a notebook, re-run its install cell" in str(err.value)
+    assert "`bash llmft-src/scripts/install.sh`" in str(err.value) and "`bash scripts/install.sh`" in str(err.value)
 
 
 @pytest.mark.numeric
