@@ -1,5 +1,5 @@
-"""The trainer-facing paths with REAL tokenizers (Llama-3, Qwen, a SentencePiece Mistral/Llama-2 model) around tiny
-random models: which tokens carry the loss, what the DPO prompt renders to, how batches are padded, when generation
+"""The trainer-facing paths with REAL tokenizers (Llama-3, Qwen, SentencePiece Mistral v1 (Llama-2 style) and v3, and
+Mistral-Nemo's Tekken) around tiny random models: which tokens carry the loss, what the DPO prompt renders to, how batches are padded, when generation
 stops, and which token a choice letter is. The made-up test tokenizer (ChatML, a newline is one token) hides the
 ways real byte-level BPE and SentencePiece vocabularies merge text (GUIDE §7)."""
 import pytest
@@ -9,8 +9,8 @@ from datasets import Dataset
 import llmft
 from llmft import data, mcq, templates, testing
 
-FAMILIES = ["llama-3", "qwen", "mistral"]
-END_OF_TURN = {"llama-3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>"}
+FAMILIES = ["llama-3", "qwen", "mistral", "mistral-v3", "tekken"]
+END_OF_TURN = {"llama-3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>", "mistral-v3": "</s>", "tekken": "</s>"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -40,12 +40,15 @@ def _build(model, tokenizer, dataset, tmp_path, **kwargs):
 def test_assets_are_pinned_real_tokenizers(family):
     source = testing.REAL_TOKENIZERS[family]
     tokenizer = testing.real_tokenizer(family)
-    assert len(tokenizer) == {"llama-3": 128256, "qwen": 151669, "mistral": 32000}[family]
+    assert len(tokenizer) == {"llama-3": 128256, "qwen": 151669, "mistral": 32000, "mistral-v3": 32768,
+                              "tekken": 131072}[family]
     assert "<|image|>" not in tokenizer.get_vocab()  # the vision token of the Llama-3.2 file is dropped
     assert tokenizer.chat_template and source.version and all(len(h) == 64 for h in source.files.values())
     assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
-    if family == "mistral":
+    if family in ("mistral", "mistral-v3"):
         assert tokenizer.pad_token_id == 0  # <unk>: a pad id of 0 is a real pad id in this family
+    if family in ("mistral-v3", "tekken"):  # Mistral's instruction markers are control tokens from v2 on
+        assert tokenizer.tokenize("[INST]") == ["[INST]"] and tokenizer.tokenize("[/INST]") == ["[/INST]"]
 
 
 CHATS = [
@@ -203,3 +206,20 @@ def test_mcq_letter_tokens_are_the_ones_training_puts_after_the_prompt(real):
         assert text_ids[: len(prompt_ids)] == prompt_ids  # the answer does not merge into the prompt's last token
         answer_id = text_ids[len(prompt_ids)]
         assert answer_id == letter_ids["ABCD".index(row["answer"])], (family, row["answer"])
+
+
+def test_a_mistral_architecture_model_loads_through_load_model():
+    """transformers routes a Mistral-architecture model's tokenizer through mistral-common whenever that package is
+    installed; installed without its dependencies (as a carrier of tokenizer files) it failed on `tiktoken`. The test
+    assets are now read from downloaded wheels, so the plain path a user takes must work."""
+    model_dir = testing.tiny_model_dir("mistral", hidden_size=32, num_layers=1, tokenizer="mistral-v3")
+    model, tokenizer = llmft.load_model(str(model_dir), max_seq_length=128, lora_r=4)
+    assert model.config.model_type == "mistral" and hasattr(model, "peft_config")
+    reference = testing.real_tokenizer("mistral-v3")
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert text == "<s>[INST] What is 2+2? [/INST]It is 4.</s>"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference(text, add_special_tokens=False)[
+        "input_ids"]
+    reply = llmft.generate_response(model, tokenizer, chat[:1], do_sample=False, max_new_tokens=3)
+    assert isinstance(reply, str)
