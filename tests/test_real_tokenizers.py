@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 import llmft
-from llmft import data, mcq, templates, testing
+from llmft import data, masking, mcq, templates, testing
 
 FAMILIES = ["llama-3", "qwen", "mistral", "mistral-v3", "tekken"]
 END_OF_TURN = {"llama-3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>", "mistral-v3": "</s>", "tekken": "</s>"}
@@ -115,6 +115,123 @@ def test_rows_and_turns_without_trainable_tokens_are_reported_by_name(real, tmp_
     assert report.empty_rows == [1] and report.empty_turns == [(1, 0), (2, 1)]
     assert report.dropped_by_trainer == 1 and len(trainer.train_dataset) == 2
     assert "dropped rows (empty or truncated responses): 1" in str(report)
+
+
+# Text that is a control token of the family, and the family's chat markers (what Unsloth users pass as
+# instruction_part / response_part for chat data).
+CONTROL_TEXT = {"llama-3": ["<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>"],
+                "qwen": ["<|im_end|>", "<|im_start|>assistant"],
+                "mistral": ["</s>", "<s>"], "mistral-v3": ["</s>", "[INST]", "[/INST]"],
+                "tekken": ["</s>", "[INST]", "[/INST]"]}
+CHAT_MARKERS = {"llama-3": ("<|start_header_id|>user<|end_header_id|>\n\n",
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+                "qwen": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+                "mistral": ("[INST]", "[/INST]"), "mistral-v3": ("[INST]", "[/INST]"), "tekken": ("[INST]", "[/INST]")}
+
+
+def _special_ids(tokenizer):
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def test_plain_text_stretches_tokenize_as_the_tokenizer_does_between_control_tokens(family):
+    """What makes content-as-data exact: a stretch between two control tokens, tokenized on its own by
+    masking.PlainText, gives the very ids the tokenizer gives it in context (SentencePiece adds no start-of-text
+    prefix there, byte-level BPE merges nothing across a control token)."""
+    tokenizer = testing.real_tokenizer(family)
+    special = _special_ids(tokenizer)
+    plain = masking.PlainText(tokenizer)
+    compared = 0
+    for chat in CHATS + [[{"role": "user", "content": "\nLeading newline"}, {"role": "assistant", "content": " x\n"}]]:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        cuts = [k for k, t in enumerate(ids) if t in special] + [len(ids)]
+        previous = -1
+        for cut in cuts:
+            begin = offsets[previous][1] if previous >= 0 else 0
+            end = offsets[cut][0] if cut < len(ids) else len(text)
+            if end > begin:
+                assert plain.encode(text[begin:end], at_start=begin == 0)[0] == ids[previous + 1:cut], \
+                    (family, text[begin:end])
+                compared += 1
+            previous = cut
+    assert compared >= len(CHATS)
+
+
+def test_control_token_text_inside_content_is_trained_as_plain_text(real, tmp_path):
+    """An answer quoting the family's end-of-turn token, a user pasting a header: each stays text. Before, the
+    answer trained two end-of-turn tokens (the model learns to stop mid-answer) and the user's header became real."""
+    family, model, tokenizer = real
+    quoted = CONTROL_TEXT[family]
+    answer = f"It is {quoted[0]} then more text."
+    user = "Continue: " + " and ".join(quoted[1:]) + " done"
+    chat = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    clean = [{"role": m["role"], "content": m["content"].replace(quoted[0], "x")} for m in chat]
+    for t in quoted[1:]:
+        clean[0]["content"] = clean[0]["content"].replace(t, "x")
+    trainer = _build(model, tokenizer, Dataset.from_list([{"messages": chat}, {"messages": CHATS[0]}]), tmp_path)
+    row = trainer.train_dataset[0]
+    special = _special_ids(tokenizer)
+    got = [t for t in row["input_ids"] if t in special]
+    expected = [t for t in tokenizer.apply_chat_template(clean, tokenize=True, return_dict=True)["input_ids"]
+                if t in special]
+    assert got == expected  # the template's control tokens only, none from the content
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert [t for t in trained if t in special] == [tokenizer.convert_tokens_to_ids(END_OF_TURN[family])]
+    assert _trained_text(trainer, tokenizer)[0].strip() == answer + END_OF_TURN[family]
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert trainer.llmft_reports["train_masking"].content_control_rows == [0]
+    assert "tokenized as plain text: 0" in str(trainer.llmft_reports["train_masking"])
+
+
+def test_a_marker_quoted_in_an_mcq_question_trains_only_the_answer(real, tmp_path):
+    """Code questions hold "Answer:" often; the response follows the template's own marker, the last one."""
+    family, model, tokenizer = real
+    questions = [{"task_id": "q0", "question": "What does print('Answer:', 42) output?",
+                  "choices": ["Answer: 42", "42", "Answer:42", "an error"], "answer": "A"},
+                 {"task_id": "q1", "question": "Which is a keyword?", "choices": ["def", "fed", "edf", "dfe"],
+                  "answer": "A"}]
+    rows = data.mcq_rows(Dataset.from_list(questions), eos_token=tokenizer.eos_token, verbose=False)
+    trainer = _build(model, tokenizer, rows.select_columns(["text"]), tmp_path,
+                     instruction_part=templates.MCQ_INSTRUCTION_PART, response_part=templates.MCQ_RESPONSE_PART)
+    assert [t.strip() for t in _trained_text(trainer, tokenizer)] == ["A" + tokenizer.eos_token] * 2
+    assert trainer.llmft_reports["train_masking"].repeated_marker_rows == [0]
+
+
+def test_a_marker_quoted_in_an_alpaca_input_trains_only_the_response(real, tmp_path):
+    family, model, tokenizer = real
+    rows = [{"text": templates.format_alpaca("Explain this prompt format.", "It ends with ### Response:\n then text",
+                                             "It is the Alpaca format.", eos_token=tokenizer.eos_token)}]
+    trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
+                     instruction_part="### Instruction:\n", response_part="### Response:\n")
+    assert [t.strip() for t in _trained_text(trainer, tokenizer)] == ["It is the Alpaca format." + tokenizer.eos_token]
+
+
+def test_chat_markers_quoted_in_a_user_message_are_not_markers(real, tmp_path):
+    """Explicit chat markers (as Unsloth users pass them) are searched in the template's own text only."""
+    family, model, tokenizer = real
+    instruction_part, response_part = CHAT_MARKERS[family]
+    chats = [[{"role": "user", "content": f"Why does {response_part} appear here? And {instruction_part} too?"},
+              {"role": "assistant", "content": "Because you typed it."}], CHATS[1]]
+    trainer = _build(model, tokenizer, Dataset.from_list([{"messages": c} for c in chats]), tmp_path,
+                     instruction_part=instruction_part, response_part=response_part)
+    end = END_OF_TURN[family]
+    trained = [t.replace("\n", "") for t in _trained_text(trainer, tokenizer)]
+    assert trained == ["Because you typed it." + end, _expected(CHATS[1], end)]
+    report = trainer.llmft_reports["train_masking"]
+    assert report.empty_turns == [] and report.repeated_marker_rows == []
+
+
+def test_control_tokens_inside_text_rows_are_reported_by_row(real, tmp_path):
+    """Text rows have no structure to tell content from template: control-token text in them is named, not hidden."""
+    family, model, tokenizer = real
+    eot = CONTROL_TEXT[family][0]
+    rows = [{"text": templates.format_alpaca("Say hi.", "", "Hi.", eos_token=tokenizer.eos_token)},
+            {"text": templates.format_alpaca("Quote it.", "", f"It is {eot} then more.", eos_token=tokenizer.eos_token)}]
+    trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
+                     instruction_part="### Instruction:\n", response_part="### Response:\n")
+    report = trainer.llmft_reports["train_masking"]
+    assert report.control_text_rows == [1] and "pass the rows as chat messages): 1" in str(report)
 
 
 def test_dpo_prompt_keeps_the_system_message(real, tmp_path):
