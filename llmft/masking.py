@@ -54,10 +54,12 @@ class MaskReport:
     content_control_rows: list[int] = field(default_factory=list)  # chat rows whose messages hold control-token text
     control_text_rows: list[int] = field(default_factory=list)  # text rows with control tokens before their end
     repeated_marker_rows: list[int] = field(default_factory=list)  # a turn holds response_part more than once
+    responses_only: bool = True  # False: chat rows tokenized here (content as data) with the loss on every token
 
     def __str__(self) -> str:
         dropped = "" if self.dropped_by_trainer is None else f"; the trainer dropped {self.dropped_by_trainer}"
-        lines = [f"{self.name}: loss on responses only; {self.rows} rows, {len(self.empty_rows)} with no trainable "
+        loss = "loss on responses only" if self.responses_only else "loss on every token"
+        lines = [f"{self.name}: {loss}; {self.rows} rows, {len(self.empty_rows)} with no trainable "
                  f"token{dropped}; {len(self.empty_turns)} assistant turns with no trainable token"]
         if self.empty_rows:
             lines.append(f"  dropped rows (empty or truncated responses): {shorten(self.empty_rows)}")
@@ -246,34 +248,42 @@ def _control_text(tokenizer):
 
 
 def mask_responses(dataset, tokenizer, *, instruction_part: str | None = None, response_part: str | None = None,
-                   max_length: int | None = None, name: str = "train_dataset"):
+                   max_length: int | None = None, name: str = "train_dataset", responses_only: bool = True):
     """``dataset`` (a ``messages`` or ``text`` column) → ``(tokenized dataset with input_ids and labels, MaskReport)``.
 
     Chat rows use the tokenizer's chat template; text rows need ``instruction_part`` and ``response_part`` (for the
     Alpaca prompt "### Instruction:\\n" and "### Response:\\n"). ``max_length``: rows whose first trainable token lies
     beyond it are reported as dropped (the trainer truncates, then drops rows with no trainable token). Content that
     holds control-token text is tokenized as plain text; markers follow the template's structure (module docstring).
+    ``responses_only=False`` (chat rows only): the same tokenization, with the loss on every token.
     """
     from datasets import Dataset
 
     chat = "messages" in dataset.column_names
+    if not (chat or responses_only):
+        raise ValueError(f"{name}: responses_only=False is for chat rows; text rows with the loss on every token go "
+                         "to the trainer as they are")
     if (instruction_part is None) != (response_part is None) or (not chat and response_part is None):
         raise ValueError(f"{name}: responses-only loss needs both instruction_part and response_part on 'text' rows "
                          "(Alpaca: '### Instruction:\\n' and '### Response:\\n'), and both or neither on chat rows")
     if chat:
         require_chat_template(tokenizer, f"{name}'s chat rows")
-    report = MaskReport(name, rows=len(dataset))
+    report = MaskReport(name, rows=len(dataset), responses_only=responses_only)
     control_text, special, plain = _control_text(tokenizer), _special_ids(tokenizer), PlainText(tokenizer)
     out = {"input_ids": [], "labels": []}
     for row, example in enumerate(dataset):
         repeated = []
         if chat:
             messages = example["messages"]
-            text, spans = chat_response_spans(tokenizer, messages, row)
+            if responses_only:
+                text, spans = chat_response_spans(tokenizer, messages, row)
+            else:
+                text = _render(tokenizer, messages)
+                spans = [(0, len(text))]
             quoting = [(index, found.group()) for index, m in enumerate(messages)
                        if control_text and isinstance(m.get("content"), str)
                        for found in [control_text.search(m["content"])] if found]
-            content = content_mask(tokenizer, messages, text) if quoting or response_part is not None else None
+            content = content_mask(tokenizer, messages, text) if quoting or (response_part and responses_only) else None
             if quoting and content is None:
                 index, token = quoting[0]
                 raise DataError(
@@ -284,7 +294,7 @@ def mask_responses(dataset, tokenizer, *, instruction_part: str | None = None, r
                     "'qwen-2.5', 'chatml').")
             if quoting:
                 report.content_control_rows.append(row)
-            if response_part is not None:  # explicit markers: search them in the template's own text instead
+            if response_part is not None and responses_only:  # explicit markers: in the template's own text
                 spans = text_response_spans(text, instruction_part, response_part, content, repeated)
             ids, offsets = encode(tokenizer, text, add_special_tokens=False,  # the template writes BOS itself
                                   content=content if quoting else None, plain=plain)

@@ -282,14 +282,14 @@ def tiny_tokenizer(vocab_size: int = 1024):
 
 def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 1024,
                    seed: int = 0, tokenizer: str = "tiny") -> Path:
-    """Directory of a randomly initialised tiny causal LM (``llama``, ``qwen2`` or ``mistral``) with a
-    tokenizer beside it.
+    """Directory of a randomly initialised tiny causal LM (``llama``, ``qwen2`` or ``mistral``) with a tokenizer
+    beside it.
 
     It loads like a hub checkpoint: ``load_model(str(tiny_model_dir()))``. Default: hidden 64, 2 layers, 4 heads,
     2 KV heads (~140k parameters) around the tiny ChatML tokenizer. ``tokenizer`` = a name from
-    :data:`REAL_TOKENIZERS` ("llama-3", "qwen", "mistral", "mistral-v3", "tekken") puts a real tokenizer and its chat template beside the
-    model instead (the vocabulary then sets the embedding size; ``vocab_size`` is ignored), with the end-of-turn ids
-    the real instruct models stop on in ``generation_config``.
+    :data:`REAL_TOKENIZERS` ("llama-3", "qwen", "mistral", "mistral-v3", "tekken") puts a real tokenizer and its chat
+    template beside the model instead (the vocabulary then sets the embedding size; ``vocab_size`` is ignored), with
+    the end-of-turn ids the real instruct models stop on in ``generation_config``.
     """
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny_model_dir(arch={arch!r}): unknown architecture; use one of {TINY_ARCHITECTURES}")

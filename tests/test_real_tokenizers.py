@@ -1,7 +1,7 @@
 """The trainer-facing paths with REAL tokenizers (Llama-3, Qwen, SentencePiece Mistral v1 (Llama-2 style) and v3, and
-Mistral-Nemo's Tekken) around tiny random models: which tokens carry the loss, what the DPO prompt renders to, how batches are padded, when generation
-stops, and which token a choice letter is. The made-up test tokenizer (ChatML, a newline is one token) hides the
-ways real byte-level BPE and SentencePiece vocabularies merge text (GUIDE §7)."""
+Mistral-Nemo's Tekken) around tiny random models: which tokens carry the loss, what the DPO prompt renders to, how
+batches are padded, when generation stops, and which token a choice letter is. The made-up test tokenizer (ChatML, a
+newline is one token) hides the ways real byte-level BPE and SentencePiece vocabularies merge text (GUIDE §7)."""
 import pytest
 import torch
 from datasets import Dataset
@@ -184,6 +184,25 @@ def test_control_token_text_inside_content_is_trained_as_plain_text(real, tmp_pa
     assert "tokenized as plain text: 0" in str(trainer.llmft_reports["train_masking"])
 
 
+def test_control_token_text_stays_text_with_the_loss_on_every_token(real, tmp_path):
+    """responses_only=False: TRL used to tokenize the chat rows itself, turning the quoted text into control tokens."""
+    family, model, tokenizer = real
+    quoted = CONTROL_TEXT[family][0]
+    chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": f"It is {quoted} then more text."}]
+    clean = [chat[0], {"role": "assistant", "content": "It is x then more text."}]
+    trainer = _build(model, tokenizer, Dataset.from_list([{"messages": chat}]), tmp_path, responses_only=False)
+    row = trainer.train_dataset[0]
+    special = _special_ids(tokenizer)
+    expected = [t for t in tokenizer.apply_chat_template(clean, tokenize=True, return_dict=True)["input_ids"]
+                if t in special]
+    assert [t for t in row["input_ids"] if t in special] == expected
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert trained == row["input_ids"][len(row["input_ids"]) - len(trained):]  # every token after the first ones
+    assert tokenizer.decode(trained).rstrip().endswith(f"It is {quoted} then more text.{END_OF_TURN[family]}")
+    report = trainer.llmft_reports["train_masking"]
+    assert not report.responses_only and report.content_control_rows == [0] and "loss on every token" in str(report)
+
+
 def test_a_marker_quoted_in_an_mcq_question_trains_only_the_answer(real, tmp_path):
     """Code questions hold "Answer:" often; the response follows the template's own marker, the last one."""
     family, model, tokenizer = real
@@ -227,7 +246,8 @@ def test_control_tokens_inside_text_rows_are_reported_by_row(real, tmp_path):
     family, model, tokenizer = real
     eot = CONTROL_TEXT[family][0]
     rows = [{"text": templates.format_alpaca("Say hi.", "", "Hi.", eos_token=tokenizer.eos_token)},
-            {"text": templates.format_alpaca("Quote it.", "", f"It is {eot} then more.", eos_token=tokenizer.eos_token)}]
+            {"text": templates.format_alpaca("Quote it.", "", f"It is {eot} then more.",
+                                             eos_token=tokenizer.eos_token)}]
     trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
                      instruction_part="### Instruction:\n", response_part="### Response:\n")
     report = trainer.llmft_reports["train_masking"]
