@@ -151,39 +151,53 @@ def _special_ids(tokenizer) -> set[int]:
 
 
 def _without_start_prefix(spec):
-    """A tokenizer.json's pre-tokenizer with Metaspace's "first" prefix scheme turned to "never": how SentencePiece
-    tokenizers (Llama-2, Mistral) treat text that follows a control token, where no "▁" is prepended."""
+    """A pre-tokenizer's JSON with Metaspace's "first" prefix scheme turned to "never" (True when it had one): how
+    SentencePiece tokenizers (Llama-2, Mistral) treat text that follows a control token, where no "▁" is prepended."""
+    found = False
     if isinstance(spec, dict):
         if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first":
-            spec["prepend_scheme"] = "never"
-        for value in spec.values():
-            _without_start_prefix(value)
-    elif isinstance(spec, list):
-        for value in spec:
-            _without_start_prefix(value)
-    return spec
+            spec["prepend_scheme"], found = "never", True
+        values = spec.values()
+    else:
+        values = spec if isinstance(spec, list) else []
+    for value in values:
+        found = _without_start_prefix(value) or found
+    return found
 
 
 class PlainText:
     """Tokenizes a stretch of text the way ``tokenizer`` tokenizes it between two control tokens, with special tokens
-    split (the ``tokenizers`` library's ``encode_special_tokens``): control-token text becomes plain text. A copy of
-    the tokenizer's backend, built on first use."""
+    split (transformers' ``split_special_tokens``, the ``tokenizers`` library's ``encode_special_tokens``):
+    control-token text becomes plain text. For a stretch that does not start the text, a SentencePiece pre-tokenizer
+    that prefixes only the start of the text (Metaspace "first") is swapped for one that does not, for the call."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self._backends = tokenizer, {}
+        self.tokenizer, self._inner = tokenizer, None
+
+    def _inner_pre_tokenizer(self):
+        if self._inner is None:
+            import copy
+
+            original = self.tokenizer.backend_tokenizer.pre_tokenizer
+            spec = json.loads(original.__getstate__()) if original is not None else None
+            self._inner = False
+            if spec is not None and _without_start_prefix(spec):
+                self._inner = copy.deepcopy(original)
+                self._inner.__setstate__(json.dumps(spec).encode())
+        return self._inner or None
 
     def encode(self, text: str, at_start: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        if at_start not in self._backends:
-            from tokenizers import Tokenizer
-
-            spec = json.loads(self.tokenizer.backend_tokenizer.to_str())
-            backend = Tokenizer.from_str(json.dumps(spec if at_start else _without_start_prefix(spec)))
-            backend.encode_special_tokens = True
-            backend.no_truncation()
-            backend.no_padding()
-            self._backends[at_start] = backend
-        encoded = self._backends[at_start].encode(text, add_special_tokens=False)
-        return list(encoded.ids), [tuple(o) for o in encoded.offsets]
+        backend = self.tokenizer.backend_tokenizer
+        original, inner = backend.pre_tokenizer, None if at_start else self._inner_pre_tokenizer()
+        if inner is not None:
+            backend.pre_tokenizer = inner
+        try:
+            encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                                     return_offsets_mapping=True)
+        finally:
+            if inner is not None:
+                backend.pre_tokenizer = original
+        return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
 
 
 def encode(tokenizer, text: str, *, add_special_tokens: bool, content: list[bool] | None = None,

@@ -140,6 +140,7 @@ def test_plain_text_stretches_tokenize_as_the_tokenizer_does_between_control_tok
     tokenizer = testing.real_tokenizer(family)
     special = _special_ids(tokenizer)
     plain = masking.PlainText(tokenizer)
+    state = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
     compared = 0
     for chat in CHATS + [[{"role": "user", "content": "\nLeading newline"}, {"role": "assistant", "content": " x\n"}]]:
         text = tokenizer.apply_chat_template(chat, tokenize=False)
@@ -156,6 +157,9 @@ def test_plain_text_stretches_tokenize_as_the_tokenizer_does_between_control_tok
                 compared += 1
             previous = cut
     assert compared >= len(CHATS)
+    assert tokenizer.backend_tokenizer.pre_tokenizer.__getstate__() == state  # the tokenizer is left as it was
+    eos = tokenizer.eos_token
+    assert tokenizer(f"a{eos}", add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
 
 
 def test_control_token_text_inside_content_is_trained_as_plain_text(real, tmp_path):
