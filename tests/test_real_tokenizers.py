@@ -188,6 +188,21 @@ def test_control_token_text_inside_content_is_trained_as_plain_text(real, tmp_pa
     assert "tokenized as plain text: 0" in str(trainer.llmft_reports["train_masking"])
 
 
+def test_control_token_text_under_a_template_that_rewrites_content_is_refused_by_row():
+    """When the template changes the content (here it doubles every "a"), content cannot be located in the rendering;
+    a row quoting a control token is then refused, naming the row and message, never trained as a control token."""
+    tokenizer = testing.real_tokenizer("llama-3")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+        "{{ m.content | replace('a', 'aa') }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{% endif %}")
+    clean = [{"role": "user", "content": "Say a word"}, {"role": "assistant", "content": "A word."}]
+    masking.mask_responses(Dataset.from_list([{"messages": clean}]), tokenizer)  # no quoted control text: fine
+    quoting = [clean[0], {"role": "assistant", "content": "It is <|eot_id|> a word."}]
+    with pytest.raises(data.DataError, match=r"row 1, message 1: it holds the text '<\|eot_id\|>'"):
+        masking.mask_responses(Dataset.from_list([{"messages": clean}, {"messages": quoting}]), tokenizer)
+
+
 def test_control_token_text_stays_text_with_the_loss_on_every_token(real, tmp_path):
     """responses_only=False: TRL used to tokenize the chat rows itself, turning the quoted text into control tokens."""
     family, model, tokenizer = real
