@@ -52,7 +52,7 @@ class MaskReport:
     empty_turns: list[tuple[int, int]] = field(default_factory=list)  # (row, assistant turn) with no trainable token
     dropped_by_trainer: int | None = None  # rows the trainer actually dropped (set by build_trainer)
     content_control_rows: list[int] = field(default_factory=list)  # chat rows whose messages hold control-token text
-    control_text_rows: list[int] = field(default_factory=list)  # text rows with control tokens before their end
+    control_text_rows: list[int] = field(default_factory=list)  # text/prompt-completion rows with control tokens
     repeated_marker_rows: list[int] = field(default_factory=list)  # a turn holds response_part more than once
     responses_only: bool = True  # False: chat rows tokenized here (content as data) with the loss on every token
 
@@ -69,8 +69,9 @@ class MaskReport:
             lines.append(f"  rows whose messages hold control-token text, tokenized as plain text: "
                          f"{shorten(self.content_control_rows)}")
         if self.control_text_rows:
-            lines.append(f"  text rows holding control tokens before their end (tokenized as control tokens; if that "
-                         f"text is content, pass the rows as chat messages): {shorten(self.control_text_rows)}")
+            lines.append(f"  rows whose text, prompt or completion holds control tokens before its end (tokenized as "
+                         f"control tokens; if that text is content, pass the rows as chat messages): "
+                         f"{shorten(self.control_text_rows)}")
         if self.repeated_marker_rows:
             lines.append(f"  rows where a turn holds response_part more than once (the response follows the last "
                          f"one): {shorten(self.repeated_marker_rows)}")
@@ -336,8 +337,11 @@ def mask_responses(dataset, tokenizer, *, instruction_part: str | None = None, r
 
 def completion_report(dataset, tokenizer, *, max_length: int, name: str = "train_dataset") -> MaskReport:
     """Prompt/completion rows (TRL masks the prompt itself): the rows whose prompt alone fills ``max_length``
-    tokens, so truncation leaves no completion token and the trainer drops them, named before it does."""
+    tokens, so truncation leaves no completion token and the trainer drops them, named before it does; and the rows
+    whose prompt or completion holds control-token text (TRL tokenizes it as control tokens; a trailing end-of-text
+    token on the completion is expected)."""
     report = MaskReport(name, rows=len(dataset))
+    control_text = _control_text(tokenizer)
     for row, example in enumerate(dataset):
         if isinstance(example["prompt"], list):
             require_chat_template(tokenizer, f"{name}'s conversational prompts")
@@ -347,4 +351,11 @@ def completion_report(dataset, tokenizer, *, max_length: int, name: str = "train
             ids = tokenizer(example["prompt"])["input_ids"]
         if len(ids) >= max_length:
             report.empty_rows.append(row)
+        texts = [piece for part in (example["prompt"], example["completion"])
+                 for piece in ([m.get("content") for m in part] if isinstance(part, list) else [part])
+                 if isinstance(piece, str)]
+        if texts and tokenizer.eos_token and texts[-1].endswith(tokenizer.eos_token):
+            texts[-1] = texts[-1][:-len(tokenizer.eos_token)]
+        if control_text and any(control_text.search(text) for text in texts):
+            report.control_text_rows.append(row)
     return report

@@ -194,8 +194,8 @@ def test_control_token_text_under_a_template_that_rewrites_content_is_refused_by
     tokenizer = testing.real_tokenizer("llama-3")
     tokenizer.chat_template = (
         "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-        "{{ m.content | replace('a', 'aa') }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        "{% endif %}")
+        "{{ m.content | replace('a', 'aa') }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
     clean = [{"role": "user", "content": "Say a word"}, {"role": "assistant", "content": "A word."}]
     masking.mask_responses(Dataset.from_list([{"messages": clean}]), tokenizer)  # no quoted control text: fine
     quoting = [clean[0], {"role": "assistant", "content": "It is <|eot_id|> a word."}]
@@ -223,14 +223,14 @@ def test_control_token_text_stays_text_with_the_loss_on_every_token(real, tmp_pa
 
 
 def test_a_marker_quoted_in_an_mcq_question_trains_only_the_answer(real, tmp_path):
-    """Code questions hold "Answer:" often; the response follows the template's own marker, the last one."""
+    """Code questions hold "Answer:" often; in MCQ text rows located by markers, the response follows the template's
+    own marker, the last one. (mcq_rows' prompt/completion rows need no marker: TRL masks the prompt by length.)"""
     family, model, tokenizer = real
-    questions = [{"task_id": "q0", "question": "What does print('Answer:', 42) output?",
-                  "choices": ["Answer: 42", "42", "Answer:42", "an error"], "answer": "A"},
-                 {"task_id": "q1", "question": "Which is a keyword?", "choices": ["def", "fed", "edf", "dfe"],
-                  "answer": "A"}]
-    rows = data.mcq_rows(Dataset.from_list(questions), eos_token=tokenizer.eos_token, verbose=False)
-    trainer = _build(model, tokenizer, rows.select_columns(["text"]), tmp_path,
+    rows = [{"text": templates.format_mcq("What does print('Answer:', 42) output?",
+                                          ["Answer: 42", "42", "Answer:42", "an error"], "A", tokenizer.eos_token)},
+            {"text": templates.format_mcq("Which is a keyword?", ["def", "fed", "edf", "dfe"], "A",
+                                          tokenizer.eos_token)}]
+    trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
                      instruction_part=templates.MCQ_INSTRUCTION_PART, response_part=templates.MCQ_RESPONSE_PART)
     assert [t.strip() for t in _trained_text(trainer, tokenizer)] == ["A" + tokenizer.eos_token] * 2
     assert trainer.llmft_reports["train_masking"].repeated_marker_rows == [0]
@@ -271,6 +271,11 @@ def test_control_tokens_inside_text_rows_are_reported_by_row(real, tmp_path):
                      instruction_part="### Instruction:\n", response_part="### Response:\n")
     report = trainer.llmft_reports["train_masking"]
     assert report.control_text_rows == [1] and "pass the rows as chat messages): 1" in str(report)
+    questions = [{"task_id": "q0", "question": "Which ends a turn?", "choices": ["a", "b"], "answer": "A"},
+                 {"task_id": "q1", "question": f"What is {eot}?", "choices": ["a", "b"], "answer": "B"}]
+    rows = data.mcq_rows(Dataset.from_list(questions), eos_token=tokenizer.eos_token, verbose=False)
+    trainer = _build(model, tokenizer, rows, tmp_path)  # prompt/completion rows: TRL tokenizes them
+    assert trainer.llmft_reports["train_masking"].control_text_rows == [1]
 
 
 def test_dpo_prompt_keeps_the_system_message(real, tmp_path):
@@ -358,7 +363,7 @@ def test_mcq_letter_tokens_are_the_ones_training_puts_after_the_prompt(real):
     letter_ids = mcq._letter_token_ids(tokenizer, 4)
     for row in rows:
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        text_ids = tokenizer(row["text"])["input_ids"]
+        text_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
         assert text_ids[: len(prompt_ids)] == prompt_ids  # the answer does not merge into the prompt's last token
         answer_id = text_ids[len(prompt_ids)]
         assert answer_id == letter_ids["ABCD".index(row["answer"])], (family, row["answer"])
