@@ -8,7 +8,7 @@ trains on nothing. Here a response is a span of characters:
 - chat data: the text the chat template adds for assistant turn *i*, i.e. the rendering of ``messages[:i + 1]``
   minus the rendering of ``messages[:i]`` with the generation prompt (the assistant header), up to and including
   the end-of-turn token (whitespace the template puts after it is not trained);
-- text data (Alpaca, MCQ prompts): everything after each ``response_part`` up to the next ``instruction_part``.
+- text data (Alpaca, MCQ prompts): what follows a turn's ``response_part`` up to the next ``instruction_part``.
 
 A token carries the loss when its characters overlap a response span (``return_offsets_mapping`` of a fast
 tokenizer), so a token merging a template newline with the response's first newline is trained, not lost. The result
@@ -21,8 +21,9 @@ as a whole, as ``apply_chat_template(tokenize=True)`` and TRL do, turns it into 
 learns to end its turn mid-answer. Here the characters that come from the messages are located (the template
 rendered again with each content character replaced by a placeholder), and the stretch of text between two of the
 template's own control tokens that holds such text is tokenized with special tokens split (the ``tokenizers``
-library's ``encode_special_tokens``), exactly as the tokenizer treats plain text there. Text rows have no such
-structure: control-token text inside them is reported by row (:attr:`MaskReport.control_text_rows`).
+library's ``encode_special_tokens``), exactly as the tokenizer treats plain text there; with ``responses_only=False``
+too. Text rows and prompt/completion rows have no such structure (a text row may be a rendered chat on purpose):
+control-token text inside them is reported by row (:attr:`MaskReport.control_text_rows`).
 
 Markers (``instruction_part``/``response_part``) are matched by the template's structure, not by their first
 occurrence: in each turn (from one ``instruction_part`` to the next) the response follows the turn's *last*
