@@ -151,7 +151,10 @@ def test_live_probe_is_reported_with_the_retention_guard(sft):
     scored = metrics[key].dropna()
     assert len(scored) >= 2 and scored.between(0, 1).all()
     best = json.loads((sft.dir / "best" / "best.json").read_text())
-    assert best["step"] in (6, 12)
+    evaluations = metrics.dropna(subset=[key])
+    kept = [int(step) for step, value in zip(evaluations["step"], evaluations[key]) if value >= 0.5]
+    assert best["retain"] == {sft.probe.name: 0.5}
+    assert best["best_step"] in kept if kept else best["best_step"] is None  # only evaluations that kept the probe
     retained = probes.retention(probes.run_probe(*_model_and_tokenizer(sft), sft.probe, max_new_tokens=6,
                                                  progress=False))
     print(f"retention after 12 SFT steps: {retained.to_dict('records')} of {sft.probe.calibration}")
