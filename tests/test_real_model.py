@@ -214,14 +214,15 @@ def test_distillation_from_the_adapter_disabled_base(smol, tmp_path):
 
     from llmft import data
 
-    model, tokenizer = smol  # carries the SFT adapters: the KL to the base is not zero
+    model, tokenizer = smol  # with the SFT adapters when the tier runs in order
     rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(8, seed=3)), verbose=False)
     trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(tmp_path), max_steps=2,
                                   per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                                   distill={"weight": 0.3}, verbose=False, disable_tqdm=True)
     llmft.train(trainer, resume=False)
     logged = [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]
-    assert len(logged) == 2 and all(value > 0 for value in logged), trainer.state.log_history
+    # the KL to the base is >= 0, and > 0 once the adapter differs from the base (after step 1 at the latest)
+    assert len(logged) == 2 and logged[0] >= 0 and logged[1] > 0, trainer.state.log_history
 
 
 def test_intruder_dimensions_and_repair_on_the_real_model(sft, smol):
