@@ -44,12 +44,14 @@ class NoGPUError(RuntimeError):
     """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
 
 
-def _cpu_reason() -> str:
-    """Why a run is on the CPU, as far as the environment says: the opt-in that is set, or that none is."""
-    return {"smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
+def _cpu_reason(allow_cpu: bool | None = None) -> str:
+    """Why a run is on the CPU: ``allow_cpu=True`` given, the opt-in that is set, or that none is."""
+    opt_in = "argument" if allow_cpu else cpu_opt_in()
+    return {"argument": "allow_cpu=True: on the CPU on purpose",
+            "smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
             "env": f"{ALLOW_CPU_ENV}=1 set: on the CPU on purpose"}.get(
-        cpu_opt_in(), f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or "
-                      "allow_cpu=True) load here")
+        opt_in, f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or allow_cpu=True) "
+                "load here")
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:
@@ -113,9 +115,10 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def preflight(dtype=None, *, force: bool = False) -> dict:
+def preflight(dtype=None, *, force: bool = False, allow_cpu: bool | None = None) -> dict:
     """Describe the machine in one line (printed once per process unless ``force``, and only by the main process when
-    several train together) and return it as a dict."""
+    several train together) and return it as a dict. On a CPU the line says what allowed it (``allow_cpu=True`` as
+    given to ``load_model``, smoke mode, ``LLMFT_ALLOW_CPU``) or that nothing did, with how to get a T4."""
     global _preflight_printed
     import torch
 
@@ -140,8 +143,8 @@ def preflight(dtype=None, *, force: bool = False) -> dict:
     if info["gpu"]:
         where = f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)"
     else:
-        where = f"CPU (no CUDA GPU; {_cpu_reason()})"
-        if not cpu_allowed():
+        where = f"CPU (no CUDA GPU; {_cpu_reason(allow_cpu)})"
+        if not (allow_cpu or cpu_allowed()):
             info["notes"].append(f"no GPU: load_model of a hub model stops here; to get a T4: {T4_HOWTO} To run on "
                                  f"the CPU on purpose: {ALLOW_CPU_ENV}=1.")
     line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
