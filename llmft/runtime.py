@@ -9,7 +9,8 @@ survive a recycled VM.
   once per process by ``load_model`` (by the main process only under torchrun); Kaggle's two T4s get a note that
   one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
-  ``outputs/`` elsewhere.
+  ``outputs/`` elsewhere. :func:`download_dir`: where pinned downloads (checked by sha256) are kept between runs;
+  :func:`build_atomically`: a folder is built under a temporary name and renamed when complete.
 - More than one process (``torchrun --nproc_per_node=N`` or ``accelerate launch --multi_gpu``, data parallel):
   :func:`is_main_process` says whether this process writes llmft's files and messages (only one does),
   :func:`any_process` turns a per-process decision into one every process shares, :func:`process_rank` /
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 T4_HOWTO = (
@@ -31,6 +34,7 @@ ALLOW_CPU_ENV = "LLMFT_ALLOW_CPU"
 DRIVE_ENV = "LLMFT_DRIVE"
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/llmft"
+DOWNLOADS_ENV = "LLMFT_DOWNLOADS"
 KAGGLE_WORKING = "/kaggle/working"
 
 _preflight_printed = False
@@ -267,3 +271,33 @@ def output_dir(name: str = "", *, drive: bool | None = None) -> str:
     path = os.path.join(root, name) if name else root
     Path(path).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def download_dir() -> Path:
+    """Where pinned downloads are kept (``$LLMFT_DOWNLOADS``, else ``~/.cache/llmft/downloads``): archives whose sha256
+    is recorded in llmft and what is extracted from them (e.g. llama.cpp's GGUF converter). Their content is fixed by
+    the pin, so every run, tests included, shares one copy and works offline after the first fetch."""
+    root = os.environ.get(DOWNLOADS_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llmft", "downloads")
+    return Path(root)
+
+
+def build_atomically(target: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and rename the result to ``target``; reuse ``target`` when it is already complete (it
+    holds ``.complete``), so a crash or a kill never leaves a half-built folder that looks finished."""
+    target = Path(target)
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: keep theirs
+            if not (target / ".complete").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
