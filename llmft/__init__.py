@@ -15,10 +15,11 @@ from llmft.data import (  # noqa: E402
     DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
     sharegpt_to_messages,
 )
-from llmft import analysis, evaluation, experiments, mcq, probes, recipes  # noqa: E402,F401  (modules)
+from llmft import analysis, evaluation, experiments, export, mcq, probes, recipes  # noqa: E402,F401  (modules)
 from llmft.analysis import intruder_dimensions, plot_intruders, reduce_intruders, repair_sweep  # noqa: E402
 from llmft.configs import DPOOptions, SFTOptions, TrainingControlConfig  # noqa: E402
 from llmft.experiments import run_experiment  # noqa: E402
+from llmft.export import export_gguf  # noqa: E402
 from llmft.generation import generate_batch, generate_response  # noqa: E402
 from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
 from llmft.runtime import NoGPUError, output_dir, preflight, torchrun_recipe  # noqa: E402
@@ -31,7 +32,7 @@ from llmft.trainers import (  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "load_model", "save_adapters", "export_merged", "pick_dtype",
+    "load_model", "save_adapters", "export_merged", "export_gguf", "pick_dtype",
     "output_dir", "preflight", "NoGPUError", "torchrun_recipe",
     "intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep",
     "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig", "DistillSFTTrainer",

