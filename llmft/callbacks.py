@@ -29,7 +29,6 @@ others waiting in the next gradient all-reduce.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -454,8 +453,7 @@ class ProbeCallback(TrainerCallback):
     def _bounded(probe, max_items):
         if max_items is None or len(probe.prompts) <= max_items:
             return probe
-        return dataclasses.replace(probe, prompts=probe.prompts[:max_items], answers=probe.answers[:max_items],
-                                   labels=probe.labels[:max_items])
+        return probe.subset(range(max_items))
 
     @property
     def metrics(self) -> list[str]:

@@ -6,11 +6,20 @@ spelling) with input "1, 1, 2, 3, 5, 8" and answer 13, plus windows of the seque
 probe is scored by exact match on the next term, and every answer is kept so you can see *how* it fails (the CodeMMLU
 report's model answered "2" after one epoch). Probes run on a model, on base vs adapters, or across a run's checkpoints,
 and give a tidy DataFrame and a forgetting curve.
+
+A probe measures what the base *knows*, so on a real model it is first calibrated on the base
+(:func:`calibrate_probe`): only the items the base answers right are kept, the base's score is recorded, and after
+fine-tuning the probe's accuracy is the *retention* (the share of those items still right). Knowledge probes beyond
+Fibonacci (:func:`sequence_probe`: arithmetic, geometric, squares, ...; :func:`facts_probe`: capitals, days, months,
+letters) come in two prompt formats: ``"raw"`` continuation ("2, 4, 6, 8, 10," → "12"; what base models and small
+instruct models answer best) and ``"chat"`` (a question in the model's chat template, for instruct models). Answers
+are read with a short lead-in tolerated ("The next number is 12", or the input restated before the next term).
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,9 +43,49 @@ def first_number(text: str) -> str | None:
     return match.group(0) if match else None
 
 
-def next_term_match(generated: str, expected: str) -> bool:
-    """Exact match of the first number in the answer with the expected next term ("13." and " 13, 21" count)."""
-    return first_number(generated) == expected.strip()
+def next_term(generated: str, context: Sequence[str] | None = None) -> str | None:
+    """The term an answer gives next: its first number, after skipping a restatement of the input (``context``, the
+    given terms) that ends at the input's last term ("1, 1, 2, 3, 5, 8, 13" or "8, 13" after "1, 1, 2, 3, 5, 8" give
+    "13"; "1, 2, 4, 8, 13" gives "1")."""
+    numbers = re.findall(r"-?\d+", generated)
+    given = [str(c).strip() for c in context or []]
+    for start in range(len(given)):
+        run = given[start:]
+        if numbers[:len(run)] == run and len(numbers) > len(run):
+            return numbers[len(run)]
+    return numbers[0] if numbers else None
+
+
+def next_term_match(generated: str, expected: str, context: Sequence[str] | None = None) -> bool:
+    """Exact match of the next term in the answer with the expected one ("13." and " 13, 21" count; with ``context``
+    the input restated before it is skipped, see :func:`next_term`)."""
+    return next_term(generated, context) == expected.strip()
+
+
+LEAD_IN_WORDS = 6  # words an answer may spend before the expected one ("The capital of France is Paris.")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+(?:['-][^\W_]+)*", text.lower())
+
+
+def word_answer_match(generated: str, expected: str, context: Sequence[str] | None = None) -> bool:
+    """The expected word(s) (case-insensitive, whole words) start within the first :data:`LEAD_IN_WORDS` words of the
+    answer, after the words of ``context`` (the prompt's own words, which a chat answer often repeats): " Paris." and
+    "The capital of France is Paris." count for "Paris"; "It is a city in the north, and its largest is Paris" does
+    not (the answer comes too late). A lead-in that names something else first ("Lyon, not Paris") still counts:
+    short answers are assumed to answer."""
+    words, target = _words(generated), _words(expected)
+    skip = {w for c in context or [] for w in _words(str(c))}
+    lead_in = 0
+    for i in range(len(words)):
+        if words[i:i + len(target)] == target:
+            return True
+        if words[i] not in skip:
+            lead_in += 1
+        if lead_in >= LEAD_IN_WORDS:
+            return False
+    return False
 
 
 def exact_match(generated: str, expected: str) -> bool:
@@ -52,7 +101,13 @@ class Probe:
     prompts: list
     answers: list[str]
     labels: list[str] = field(default_factory=list)
-    scorer: Callable[[str, str], bool] = exact_match  # the first item is the headline, reported on its own
+    scorer: Callable[..., bool] = exact_match  # the first item is the headline, reported on its own
+    # What each item gives (e.g. the terms of its sequence), passed to the scorer as its third argument so that an
+    # answer restating it is read right; None: the scorer is called with (generated, expected) only.
+    contexts: list | None = None
+    # Set by calibrate_probe: {"base_accuracy", "candidates", "kept", "model"}; the probe then holds only the items
+    # the base answered right, and its accuracy after fine-tuning is the retention.
+    calibration: dict | None = None
 
     def __post_init__(self):
         if len(self.prompts) != len(self.answers):
@@ -61,6 +116,38 @@ class Probe:
             raise ValueError(f"Probe {self.name!r}: no items")
         if not self.labels:
             self.labels = [str(p)[:60] for p in self.prompts]
+        if self.contexts is not None and len(self.contexts) != len(self.prompts):
+            raise ValueError(f"Probe {self.name!r}: {len(self.prompts)} prompts but {len(self.contexts)} contexts")
+
+    def correct(self, generated: Sequence[str]) -> list[bool]:
+        """Whether each answer (one per item, in order) is right."""
+        if self.contexts is None:
+            return [bool(self.scorer(g, a)) for g, a in zip(generated, self.answers)]
+        return [bool(self.scorer(g, a, c)) for g, a, c in zip(generated, self.answers, self.contexts)]
+
+    def subset(self, items: Sequence[int], name: str | None = None) -> "Probe":
+        """The probe restricted to ``items`` (indices, in that order)."""
+        items = list(items)
+        pick = (lambda values: [values[i] for i in items])
+        return Probe(name or self.name, pick(self.prompts), pick(self.answers), pick(self.labels), self.scorer,
+                     None if self.contexts is None else pick(self.contexts), self.calibration)
+
+    def __add__(self, other: "Probe") -> "Probe":
+        """Two probes' items as one probe (named ``a+b``); each item keeps its own scorer."""
+        items = [(self, i) for i in range(len(self.prompts))] + [(other, i) for i in range(len(other.prompts))]
+        scorers = {id(p.scorer): p.scorer for p, _ in items}
+        if len(scorers) == 1 and (self.contexts is None) == (other.contexts is None):
+            scorer, contexts = self.scorer, (None if self.contexts is None else self.contexts + other.contexts)
+        else:  # mixed scorers: each item carries (scorer, context)
+            scorer = _per_item
+            contexts = [(p.scorer, None if p.contexts is None else p.contexts[i]) for p, i in items]
+        return Probe(f"{self.name}+{other.name}", self.prompts + other.prompts, self.answers + other.answers,
+                     self.labels + other.labels, scorer, contexts)
+
+
+def _per_item(generated: str, expected: str, context) -> bool:
+    scorer, item_context = context
+    return scorer(generated, expected) if item_context is None else scorer(generated, expected, item_context)
 
 
 def fibonacci_probe(n_terms: int = 25, lengths: Sequence[int] = range(3, 9), max_items: int | None = None) -> Probe:
@@ -77,10 +164,171 @@ def fibonacci_probe(n_terms: int = 25, lengths: Sequence[int] = range(3, 9), max
     if max_items is not None:
         items = items[:max_items]
     return Probe("fibonacci", [format_alpaca(FIBONACCI_INSTRUCTION, window) for window, _ in items],
-                 [answer for _, answer in items], labels=[window for window, _ in items], scorer=next_term_match)
+                 [answer for _, answer in items], labels=[window for window, _ in items], scorer=next_term_match,
+                 contexts=[window.split(", ") for window, _ in items])
 
 
-BUILTIN_PROBES = {"fibonacci": fibonacci_probe}  # probes a recipe file can name
+PROMPT_FORMATS = ("raw", "chat")
+NEXT_NUMBER_QUESTION = "What is the next number in the sequence {terms}? Answer with the number only."
+
+
+def _check_format(who: str, prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"{who}(prompt_format={prompt_format!r}): use 'raw' (continuation, base models and small "
+                         "instruct models) or 'chat' (a question in the chat template, instruct models)")
+
+
+def sequence_items(n_terms: int = 5) -> list[tuple[str, list[int], int]]:
+    """``(family, terms, next term)`` for simple integer sequences a pretrained model can continue: arithmetic (start
+    1-20, step 1-12; and counting down by 1-10 from 60-100), doubling/tripling/x10, squares, cubes, triangular
+    numbers, powers of two, at several offsets; each shown with ``n_terms`` terms. Deterministic, ~400 items."""
+    items: list[tuple[str, list[int], int]] = []
+
+    def add(family: str, seq: Sequence[int]) -> None:
+        for offset in range(len(seq) - n_terms):
+            items.append((family, list(seq[offset:offset + n_terms]), seq[offset + n_terms]))
+
+    for step in range(1, 13):
+        for start in range(1, 21):
+            items.append(("arithmetic", [start + step * k for k in range(n_terms)], start + step * n_terms))
+    for step in range(1, 11):
+        for start in range(60, 101, 10):
+            items.append(("countdown", [start - step * k for k in range(n_terms)], start - step * n_terms))
+    for ratio in (2, 3, 10):
+        for start in (1, 2, 3, 5):
+            add(f"times-{ratio}", [start * ratio ** k for k in range(n_terms + 3)])
+    add("squares", [k * k for k in range(1, 16)])
+    add("cubes", [k ** 3 for k in range(1, 11)])
+    add("triangular", [k * (k + 1) // 2 for k in range(1, 16)])
+    return items
+
+
+def sequence_probe(prompt_format: str = "raw", n_terms: int = 5, max_items: int | None = None) -> Probe:
+    """Next term of simple integer sequences (:func:`sequence_items`). ``"raw"``: the terms followed by a comma
+    ("2, 4, 6, 8, 10," → "12"); ``"chat"``: :data:`NEXT_NUMBER_QUESTION` as a user message. Scored by
+    :func:`next_term_match` with the terms as context (a restated input is skipped)."""
+    _check_format("sequence_probe", prompt_format)
+    items = sequence_items(n_terms)[:max_items]
+    windows = [", ".join(map(str, terms)) for _, terms, _ in items]
+    prompts = [w + "," if prompt_format == "raw" else [{"role": "user", "content": NEXT_NUMBER_QUESTION.format(
+        terms=w)}] for w in windows]
+    return Probe("sequences", prompts, [str(nxt) for _, _, nxt in items], labels=windows, scorer=next_term_match,
+                 contexts=[[str(t) for t in terms] for _, terms, _ in items])
+
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
+    ("Greece", "Athens"), ("Japan", "Tokyo"), ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"),
+    ("England", "London"), ("the United Kingdom", "London"), ("Ireland", "Dublin"), ("Austria", "Vienna"),
+    ("Hungary", "Budapest"), ("Poland", "Warsaw"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("the Netherlands", "Amsterdam"), ("Belgium", "Brussels"),
+    ("the Czech Republic", "Prague"), ("Thailand", "Bangkok"), ("South Korea", "Seoul"), ("Vietnam", "Hanoi"),
+    ("Indonesia", "Jakarta"), ("the Philippines", "Manila"), ("India", "New Delhi"), ("Pakistan", "Islamabad"),
+    ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Turkey", "Ankara"), ("Israel", "Jerusalem"), ("Kenya", "Nairobi"),
+    ("Ethiopia", "Addis Ababa"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Chile", "Santiago"),
+    ("Colombia", "Bogota"), ("Venezuela", "Caracas"), ("Cuba", "Havana"), ("Mexico", "Mexico City"),
+    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("New Zealand", "Wellington"), ("Brazil", "Brasilia"),
+    ("the United States", "Washington"), ("Switzerland", "Bern"), ("Romania", "Bucharest"), ("Ukraine", "Kyiv"),
+    ("Scotland", "Edinburgh"), ("Wales", "Cardiff"), ("Iceland", "Reykjavik"), ("Morocco", "Rabat"),
+    ("Nigeria", "Abuja"), ("Saudi Arabia", "Riyadh"), ("Afghanistan", "Kabul"), ("Nepal", "Kathmandu"),
+    ("Malaysia", "Kuala Lumpur"), ("Singapore", "Singapore"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"),
+    ("Croatia", "Zagreb"), ("Lebanon", "Beirut"), ("Syria", "Damascus"), ("Jordan", "Amman"),
+    ("Qatar", "Doha"), ("Bangladesh", "Dhaka"), ("Sri Lanka", "Colombo"), ("Mongolia", "Ulaanbaatar"),
+    ("North Korea", "Pyongyang"), ("Taiwan", "Taipei"), ("Uruguay", "Montevideo"), ("Paraguay", "Asuncion"),
+    ("Bolivia", "La Paz"), ("Ecuador", "Quito"), ("Ghana", "Accra"), ("Senegal", "Dakar"), ("Tunisia", "Tunis"),
+    ("Algeria", "Algiers"), ("Libya", "Tripoli"), ("Sudan", "Khartoum"), ("Zimbabwe", "Harare"),
+    ("Uganda", "Kampala"), ("Tanzania", "Dodoma"), ("Jamaica", "Kingston"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Estonia", "Tallinn"), ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"),
+    ("Albania", "Tirana"), ("Armenia", "Yerevan"), ("Georgia", "Tbilisi"), ("Azerbaijan", "Baku"),
+    ("Kazakhstan", "Astana"), ("Uzbekistan", "Tashkent"), ("Cambodia", "Phnom Penh"), ("Laos", "Vientiane"),
+]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+_PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"]
+
+
+def fact_items() -> list[tuple[str, str, str, str]]:
+    """``(family, raw continuation, chat question, answer)`` for well-known facts: capitals of ~100 countries, and
+    the next item of the days of the week, the months, the alphabet, number words and the planets (from several
+    starting points). Deterministic, ~200 items."""
+    items = [("capital", f"The capital of {country} is", f"What is the capital of {country}? Answer in one word.",
+              city) for country, city in CAPITALS]
+    cyclic = [("day", _DAYS, 3, "the days of the week"), ("month", _MONTHS, 3, "the months")]
+    linear = [("letter", [chr(c) for c in range(ord("A"), ord("Z") + 1)], 4, "the alphabet"),
+              ("number word", _NUMBER_WORDS, 3, "the numbers in words"), ("planet", _PLANETS, 3, "the planets")]
+    windows = [(family, (values * 2)[start:start + shown + 1], what)
+               for family, values, shown, what in cyclic for start in range(len(values))]
+    windows += [(family, values[start:start + shown + 1], what)
+                for family, values, shown, what in linear for start in range(len(values) - shown)]
+    for family, values, what in windows:
+        window = ", ".join(values[:-1])
+        items.append((family, window + ",", f"Continue {what}: {window}, ... Answer with the next one only.",
+                      values[-1]))
+    return items
+
+
+def facts_probe(prompt_format: str = "raw", max_items: int | None = None) -> Probe:
+    """Well-known facts (:func:`fact_items`): ``"raw"`` continuation ("The capital of France is" → "Paris") or a
+    ``"chat"`` question. Scored by :func:`word_answer_match` (a short lead-in is tolerated)."""
+    _check_format("facts_probe", prompt_format)
+    items = fact_items()[:max_items]
+    prompts = [raw if prompt_format == "raw" else [{"role": "user", "content": chat}] for _, raw, chat, _ in items]
+    return Probe("facts", prompts, [answer for *_, answer in items], labels=[raw for _, raw, _, _ in items],
+                 scorer=word_answer_match, contexts=[[raw] for _, raw, _, _ in items])
+
+
+def knowledge_probe(prompt_format: str = "raw") -> Probe:
+    """:func:`sequence_probe` and :func:`facts_probe` together (~600 candidates, named "knowledge"): the candidate
+    pool to calibrate on a real model (:func:`calibrate_probe`)."""
+    probe = sequence_probe(prompt_format) + facts_probe(prompt_format)
+    probe.name = "knowledge"
+    return probe
+
+
+BUILTIN_PROBES = {"fibonacci": fibonacci_probe, "sequences": sequence_probe, "facts": facts_probe,
+                  "knowledge": knowledge_probe}  # probes a recipe file can name
+
+MIN_CALIBRATED_ITEMS = 50  # fewer items than this measure forgetting too coarsely (a step of 2% or more)
+
+
+def calibrate_probe(model, tokenizer, probe: Probe, *, min_items: int = MIN_CALIBRATED_ITEMS,
+                    max_new_tokens: int = 16, batch_size: int = 32, model_name: str = "base",
+                    progress: bool = True):
+    """Keep the items of ``probe`` that the base ``model`` answers right (greedy): a probe of what this model knows.
+    Returns ``(calibrated probe, base table)``: the probe (same name) holds the kept items and
+    ``calibration = {"base_accuracy", "candidates", "kept", "model"}``; its accuracy after fine-tuning is the
+    retention (share of the base's right answers still right, see :func:`retention`). Warns when fewer than
+    ``min_items`` items are kept: then the probe cannot measure forgetting on this model (try the other prompt
+    format, more tokens, or more candidates). With no item kept it raises."""
+    table = run_probe(model, tokenizer, probe, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      model_name=model_name, progress=progress)
+    kept = [int(i) for i in table.loc[table["correct"], "item"]]
+    base_accuracy = float(table["correct"].mean())
+    advice = (f"the base answers {len(kept)} of {len(probe.prompts)} items of probe {probe.name!r} right "
+              f"({base_accuracy:.0%}) at max_new_tokens={max_new_tokens}")
+    if not kept:
+        raise ValueError(f"calibrate_probe: {advice}: nothing to measure forgetting with. Look at the answers "
+                         "(the returned table of run_probe) and try the other prompt format ('raw' continuation for "
+                         "base and small instruct models, 'chat' for instruct models), a larger max_new_tokens, or "
+                         "a probe of things this model knows.")
+    if len(kept) < min_items:
+        warnings.warn(f"calibrate_probe: {advice}: fewer than {min_items}, too few to measure forgetting on this "
+                      "model (each item moves retention by "
+                      f"{1 / len(kept):.0%}). Add candidates, try the other prompt format or a larger max_new_tokens.",
+                      UserWarning, stacklevel=2)
+    calibrated = probe.subset(kept)
+    calibrated.calibration = {"base_accuracy": base_accuracy, "candidates": len(probe.prompts), "kept": len(kept),
+                              "model": model_name, "max_new_tokens": max_new_tokens}
+    return calibrated, table
+
+
+def retention(table, by: str = "model"):
+    """Retention per ``by`` (model, step, ...) on a calibrated probe's table (:func:`run_probe` /
+    :func:`probe_models`): the share of the base's right answers still right, with its count."""
+    grouped = table.groupby(by, sort=False)["correct"]
+    return grouped.agg(retention="mean", still_right="sum", items="size")
 
 
 def named_probe(probe) -> Probe:
@@ -125,7 +373,7 @@ def score_answers(probe: Probe, generated: Sequence[str], model_name: str = "mod
     return pd.DataFrame({
         "model": model_name, **columns, "probe": probe.name, "item": range(len(probe.prompts)),
         "input": probe.labels, "expected": probe.answers, "answer": [g.strip() for g in generated],
-        "correct": [probe.scorer(g, a) for g, a in zip(generated, probe.answers)],
+        "correct": probe.correct(generated),
     })
 
 

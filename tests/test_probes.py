@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import LlamaForCausalLM
 
 import llmft
-from llmft import probes, templates, trainers
+from llmft import probes, templates, testing, trainers
 
 
 def test_fibonacci_probe_headline_and_windows():
@@ -114,3 +114,64 @@ def test_distillation_uses_the_adapter_disabled_model_as_teacher(lora_model, cha
     assert loss.item() == pytest.approx(ce.item() + 0.5 * kd_by_hand.item(), rel=1e-5)
     with pytest.raises(ValueError, match="DistillConfig"):
         trainers.DistillConfig(weight=-1)
+
+
+def test_next_term_skips_a_restated_input_but_not_a_wrong_sequence():
+    given = ["1", "1", "2", "3", "5", "8"]
+    assert probes.next_term("1, 1, 2, 3, 5, 8, 13, 21", given) == "13"  # the input restated, then the answer
+    assert probes.next_term("8, 13", given) == "13"  # the last term restated
+    assert probes.next_term("The next number is 13.", given) == "13"  # a lead-in of words
+    assert probes.next_term("1, 2, 4, 8, 13", given) == "1"  # a different sequence: its first number is the answer
+    assert probes.next_term("1, 1, 2, 3, 5, 8", given) == "1"  # only the input: no next term given
+    assert probes.next_term("no number") is None
+    probe = probes.fibonacci_probe(max_items=2)
+    assert probe.correct(["1, 1, 2, 3, 5, 8, 13", "13"]) == [True, False]  # item 1 is not the headline window
+
+
+def test_word_answers_tolerate_a_short_lead_in():
+    question = ["What is the capital of France? Answer in one word."]
+    assert probes.word_answer_match(" Paris.\n\nThe French", "Paris", ["The capital of France is"])
+    assert probes.word_answer_match("The capital of France is Paris.", "Paris", question)  # repeats the question
+    assert probes.word_answer_match(" new delhi", "New Delhi") and not probes.word_answer_match(" New York", "New Delhi")
+    assert not probes.word_answer_match("It is a city in the north, and its largest is Paris", "Paris", question)
+    assert not probes.word_answer_match(" Parisian", "Paris")  # whole words only
+
+
+def test_knowledge_probes_have_hundreds_of_candidates_in_both_formats():
+    raw, chat = probes.knowledge_probe("raw"), probes.knowledge_probe("chat")
+    assert len(raw.prompts) == len(chat.prompts) >= 450 and raw.answers == chat.answers
+    seq = probes.sequence_probe()
+    assert seq.prompts[0] == "1, 2, 3, 4, 5," and seq.answers[0] == "6"
+    for label, answer, context in zip(seq.labels, seq.answers, seq.contexts):  # every item is a real continuation
+        terms = [int(t) for t in context] + [int(answer)]
+        assert label == ", ".join(context)
+        steps, ratios = {b - a for a, b in zip(terms, terms[1:])}, {b / a for a, b in zip(terms, terms[1:]) if a}
+        roots = [round(t ** 0.5) ** 2 == t for t in terms]
+        cubes = [round(t ** (1 / 3)) ** 3 == t for t in terms]
+        diffs2 = {(c - b) - (b - a) for a, b, c in zip(terms, terms[1:], terms[2:])}
+        assert len(steps) == 1 or len(ratios) == 1 or all(roots) or all(cubes) or diffs2 == {1}, label
+    facts = probes.facts_probe()
+    assert ("The capital of France is", "Paris") in zip(facts.prompts, facts.answers)
+    assert ("Friday, Saturday, Sunday,", "Monday") in zip(facts.prompts, facts.answers)
+    assert chat.prompts[0] == [{"role": "user", "content": probes.NEXT_NUMBER_QUESTION.format(terms="1, 2, 3, 4, 5")}]
+    assert raw.correct([" 6, 7"] + [" no"] * (len(raw.prompts) - 1)).count(True) == 1
+    assert raw.subset([0, len(seq.prompts)]).answers == ["6", facts.answers[0]]
+    with pytest.raises(ValueError, match="prompt_format"):
+        probes.sequence_probe("alpaca")
+
+
+def test_calibration_keeps_what_the_base_knows_and_warns_when_it_is_too_little():
+    base = testing.pretrained_base()  # the tiny base that knows the Fibonacci sequence
+    model, tokenizer = llmft.load_model(str(base), max_seq_length=256, lora_r=None, load_in_4bit=False)
+    candidates = probes.fibonacci_probe(max_items=12) + probes.sequence_probe(max_items=8)  # raw sequences: unknown
+    with pytest.warns(UserWarning, match="too few to measure forgetting"):
+        calibrated, table = probes.calibrate_probe(model, tokenizer, candidates, max_new_tokens=6, progress=False)
+    kept = list(table.loc[table["correct"], "item"])
+    assert calibrated.calibration["kept"] == len(kept) == len(calibrated.prompts) >= 6
+    assert calibrated.calibration["candidates"] == 20
+    assert calibrated.calibration["base_accuracy"] == pytest.approx(len(kept) / 20)
+    assert calibrated.answers == [candidates.answers[i] for i in kept]
+    again = probes.run_probe(model, tokenizer, calibrated, max_new_tokens=6, progress=False)
+    assert probes.retention(again)["retention"].iloc[0] == 1.0  # the base keeps all it knows
+    with pytest.raises(ValueError, match="nothing to measure forgetting"):
+        probes.calibrate_probe(model, tokenizer, probes.facts_probe(max_items=4), max_new_tokens=4, progress=False)
