@@ -400,10 +400,30 @@ def gguf_metadata(gguf_path: str | os.PathLike) -> dict:
     return info
 
 
+def tokenizer_kind(tokenizer) -> str | None:
+    """The tokenizer family as GGUF names it: "gpt2" for byte-level BPE (a ``ByteLevel`` pre-tokenizer: Llama-3,
+    Qwen, SmolLM), "llama" for SentencePiece-style vocabularies (Llama-2, Mistral); ``None`` when it cannot tell."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "llama" if hasattr(tokenizer, "sp_model") else None
+    return "gpt2" if '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("pre_tokenizer")) else "llama"
+
+
 def check_gguf_tokenizer(info: dict, tokenizer) -> list[str]:
     """What differs between the tokenizer written into the GGUF file (``info`` from :func:`gguf_metadata`) and
-    ``tokenizer``: vocabulary (token strings in id order), end-of-sequence id, chat template. Empty when all agree."""
+    ``tokenizer``: family (how llama.cpp will split text), vocabulary (token strings in id order), end-of-sequence
+    id, chat template. Empty when all agree. The greedy comparison cannot see these: it feeds both models the same
+    token ids from ``tokenizer``."""
     problems = []
+    kind, written = tokenizer_kind(tokenizer), info.get("tokenizer.ggml.model")
+    if kind is not None and written != kind:
+        model = json.loads(tokenizer.backend_tokenizer.to_str())
+        problems.append(
+            f"the file's tokenizer is {written!r} but this one is {kind!r} (byte-level BPE is 'gpt2'): llama.cpp, "
+            f"Ollama and LM Studio would split text into other tokens than training did. llama.cpp's converter "
+            f"chose {written!r} from tokenizer.json (model.byte_fallback={model['model'].get('byte_fallback')}, "
+            f"decoder {(model.get('decoder') or {}).get('type')}); a byte-level BPE tokenizer needs "
+            "byte_fallback false and a ByteLevel decoder, as the hub's tokenizers have")
     tokens = info.get("tokenizer.ggml.tokens") or []
     ours = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     if tokens[:len(ours)] != ours:

