@@ -215,21 +215,21 @@ def test_tiny_model_round_trip_f16_answers_like_the_merged_model(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol_sft(tmp_path_factory):
-    """SmolLM2 fine-tuned as users do (4-bit + LoRA, 8 steps on ShareGPT rows), its adapters reloaded on the 16-bit
+    """SmolLM2 fine-tuned as users do (4-bit + LoRA, 4 steps on ShareGPT rows), its adapters reloaded on the 16-bit
     base: on a CPU, Unsloth merges only 16-bit weights (on a GPU it dequantizes the 4-bit base itself)."""
     from datasets import Dataset
 
     folder = tmp_path_factory.mktemp("smol_export")
-    model, tokenizer = llmft.load_model(str(testing.real_model_dir()), max_seq_length=256, lora_r=16)
-    rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(32, seed=5)), verbose=False)
-    trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(folder / "run"), max_steps=8,
+    model, tokenizer = llmft.load_model(str(testing.real_model_dir()), max_seq_length=128, lora_r=16)
+    rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(16, seed=5)), verbose=False)
+    trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(folder / "run"), max_steps=4,
                                   per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
                                   warmup_steps=1, save_strategy="no", eval_strategy="no", verbose=False,
                                   disable_tqdm=True)
     llmft.train(trainer, resume=False)
     adapters = llmft.save_adapters(model, tokenizer, folder / "adapters")
     del model, trainer
-    model, tokenizer = llmft.load_model(str(adapters), max_seq_length=256, load_in_4bit=False)
+    model, tokenizer = llmft.load_model(str(adapters), max_seq_length=128, load_in_4bit=False)
     # The asset's tokenizer.json is transformers' rebuild from GGUF: it splits text as the hub's SmolLM2 tokenizer
     # does (llama.cpp's check hash is SmolLM's), but with byte_fallback and a SentencePiece-style decoder, which make
     # llama.cpp's converter write it as a SentencePiece vocabulary (export_gguf reports that as a problem). Set as on
@@ -257,7 +257,7 @@ def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_id
     # the merged folder reloads through llmft with the in-memory model's answers
     prompts = [[{"role": "user", "content": p}] for p in export.VERIFY_PROMPTS]
     expected = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24, progress=False)
-    merged, merged_tokenizer = llmft.load_model(str(result.merged_dir), max_seq_length=256, lora_r=None,
+    merged, merged_tokenizer = llmft.load_model(str(result.merged_dir), max_seq_length=128, lora_r=None,
                                                 load_in_4bit=False)
     assert llmft.generate_batch(merged, merged_tokenizer, prompts, max_new_tokens=24, progress=False) == expected
 
