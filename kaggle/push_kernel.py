@@ -7,28 +7,17 @@
 --wheelhouse OWNER/SLUG (a dataset built by kaggle/build_wheelhouse.sh) attaches it, turns the internet off and
 points the notebook's install cell at /kaggle/input/SLUG: it installs with pip --no-index from there.
 
-Checks the notebook (valid, no secrets) and the metadata (id/title slug, booleans, T4 machine shape) first; with
---dry-run it stops there and prints the commands it would run.
+Checks the notebook (valid, no secrets in any cell's source or outputs: a secret stops it before anything is written,
+naming the cell and the form, never the secret) and the metadata (id/title slug, booleans, T4 machine shape) first;
+with --dry-run it stops there and prints the commands it would run.
 """
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-
-def _kaggle_helpers():
-    """llmft/kaggle.py by itself (standard library only): importing the llmft package would import Unsloth and torch,
-    which a machine that only pushes kernels does not need."""
-    path = Path(__file__).resolve().parents[1] / "llmft" / "kaggle.py"
-    spec = importlib.util.spec_from_file_location("llmft_kaggle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _kaggle_helpers()
-KernelError, assemble_kernel, kernel_metadata, push = (_helpers.KernelError, _helpers.assemble_kernel,
-                                                       _helpers.kernel_metadata, _helpers.push)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository's llmft, installed or not
+# light: `import llmft` and llmft.kaggle import no torch, Unsloth or transformers (a machine that only pushes kernels)
+from llmft.kaggle import KernelError, assemble_kernel, kernel_metadata, push  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,49 +1,65 @@
 """llmft: fine-tune LLMs on a free Colab/Kaggle T4 with Unsloth + TRL, and trust the result.
 
-Importing llmft imports Unsloth first (it must patch transformers/TRL/PEFT before they load) and, on Kaggle's
-2xT4, pins training to GPU 0 unless CUDA_VISIBLE_DEVICES is already set.
+``import llmft`` is light: it imports no torch, Unsloth or transformers. Each public name below is loaded from its
+module on first use (PEP 562), so ``python -m llmft --help``, ``llmft.kaggle`` and ``llmft.configs`` start in a
+moment. What ``import llmft`` guarantees at once:
+
+- Unsloth is imported before transformers, TRL and PEFT, whoever imports them first (it must patch them before they
+  load; TRL 1.15 on a CPU even fails in SFT/DPO otherwise): see :func:`llmft._unsloth.unsloth_before_transformers`.
+- On Kaggle's 2xT4, training is pinned to GPU 0 before torch starts, unless CUDA_VISIBLE_DEVICES is already set.
 """
-from llmft._unsloth import import_unsloth as _import_unsloth
+from llmft.environment import die_with_launcher as _die_with_launcher
 
-_import_unsloth()  # before anything below imports trl/transformers
+_die_with_launcher()  # a torchrun worker goes down with its launcher (torchrun gives each worker its own session)
 
-from llmft.callbacks import (  # noqa: E402
-    BestCheckpoint, EarlyStopping, MetricsLogger, NonFiniteLossError, NonFiniteLossGuard, ProbeCallback,
-    RetentionGuard, WeightDecayRamp,
-)
-from llmft.data import (  # noqa: E402
-    DataError, DataReport, alpaca_to_text, count_overlong, mcq_rows, orca_to_dpo, preference_pairs,
-    sharegpt_to_messages,
-)
-from llmft import analysis, evaluation, experiments, export, mcq, probes, recipes  # noqa: E402,F401  (modules)
-from llmft.analysis import intruder_dimensions, plot_intruders, reduce_intruders, repair_sweep  # noqa: E402
-from llmft.configs import DPOOptions, SFTOptions, TrainingControlConfig  # noqa: E402
-from llmft.experiments import run_experiment  # noqa: E402
-from llmft.export import export_gguf  # noqa: E402
-from llmft.generation import generate_batch, generate_response  # noqa: E402
-from llmft.models import export_merged, load_model, pick_dtype, save_adapters  # noqa: E402
-from llmft.runtime import NoGPUError, output_dir, preflight, torchrun_recipe  # noqa: E402
-from llmft.plots import load_metrics, plot_dpo, plot_schedule, plot_training  # noqa: E402
-from llmft.schedulers import chebyshev_schedule, chebyshev_step_schedule  # noqa: E402
-from llmft.templates import apply_chat_template, format_alpaca, format_mcq  # noqa: E402
-from llmft.trainers import (  # noqa: E402
-    DistillConfig, DistillSFTTrainer, attach_training_control, build_dpo_trainer, build_trainer, train,
-)
+from llmft._unsloth import pin_single_gpu_on_kaggle as _pin_single_gpu_on_kaggle  # noqa: E402
+from llmft._unsloth import unsloth_before_transformers as _unsloth_before_transformers  # noqa: E402
+
+_pin_single_gpu_on_kaggle()
+_unsloth_before_transformers()
 
 __version__ = "0.1.0"
-__all__ = [
-    "load_model", "save_adapters", "export_merged", "export_gguf", "pick_dtype",
-    "output_dir", "preflight", "NoGPUError", "torchrun_recipe",
-    "intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep",
-    "build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig", "DistillSFTTrainer",
-    "SFTOptions", "DPOOptions", "TrainingControlConfig", "run_experiment",
-    "MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError", "WeightDecayRamp",
-    "ProbeCallback", "RetentionGuard",
-    "chebyshev_schedule", "chebyshev_step_schedule",
-    "plot_training", "plot_dpo", "plot_schedule", "load_metrics",
-    "generate_response", "generate_batch",
-    "sharegpt_to_messages", "alpaca_to_text", "orca_to_dpo", "preference_pairs", "mcq_rows", "count_overlong",
-    "DataError",
-    "DataReport",
-    "apply_chat_template", "format_alpaca", "format_mcq",
-]
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "models": ("load_model", "save_adapters", "export_merged", "pick_dtype"),
+    "export": ("export_gguf",),
+    "runtime": ("output_dir", "previous_adapters", "preflight", "NoGPUError"),
+    "recipes": ("torchrun_recipe",),
+    "analysis": ("intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep"),
+    "trainers": ("build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
+                 "DistillSFTTrainer"),
+    "configs": ("SFTOptions", "DPOOptions", "TrainingControlConfig"),
+    "experiments": ("run_experiment",),
+    "callbacks": ("MetricsLogger", "BestCheckpoint", "EarlyStopping", "NonFiniteLossGuard", "NonFiniteLossError",
+                  "WeightDecayRamp", "ProbeCallback", "RetentionGuard"),
+    "schedulers": ("chebyshev_schedule", "chebyshev_step_schedule"),
+    "plots": ("plot_training", "plot_dpo", "plot_schedule", "load_metrics"),
+    "generation": ("generate_response", "generate_batch"),
+    "data": ("sharegpt_to_messages", "alpaca_to_text", "orca_to_dpo", "preference_pairs", "mcq_rows",
+             "count_overlong", "DataError", "DataReport"),
+    "templates": ("apply_chat_template", "format_alpaca", "format_mcq"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str):
+    import importlib
+    import importlib.util
+
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"llmft.{_HOME[name]}"), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"llmft.{name}") is not None:
+        value = importlib.import_module(f"llmft.{name}")  # a module, as notebooks use them: llmft.evaluation, ...
+    else:
+        raise AttributeError(f"module 'llmft' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    import pkgutil
+
+    return sorted(set(globals()) | set(__all__) | {info.name for info in pkgutil.iter_modules(__path__)})

@@ -80,12 +80,19 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.smoke or args.offline:
             set_offline()
-        try:  # a bad file or field name: a one-line message, before anything loads
+        try:  # a bad file, field name or value: a one-line message, before anything loads
             recipes.check_recipe(recipes.load_recipe(args.recipe, smoke=args.smoke), args.command, args.recipe)
         except (TypeError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        recipes.run_recipe(args.recipe, args.command, smoke=args.smoke or None)
+        from llmft.configs import ConfigError
+        from llmft.data import DataError
+
+        try:
+            recipes.run_recipe(args.recipe, args.command, smoke=args.smoke or None)
+        except (ConfigError, DataError) as exc:  # bad data (read before the model loads): one line as well
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     set_offline()  # the demos use local assets only
     from llmft import demo

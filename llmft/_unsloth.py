@@ -20,7 +20,9 @@ import warnings
 
 from llmft.log import say
 MIN_UNSLOTH_FOR_CPU = (2026, 10, 9)
-INSTALL_HINT = "Install the pinned stack with `bash scripts/install.sh` (see README.md)."
+INSTALL_HINT = ("Install the pinned stack: in a notebook, re-run its install cell (the first code cell; it runs "
+                "`bash llmft-src/scripts/install.sh` and says which step failed), restarting the runtime first if "
+                "torch changed; from a clone of the repository, `bash scripts/install.sh` (see README.md).")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -43,7 +45,7 @@ def pinned_gpu() -> str | None:
 def pin_single_gpu_on_kaggle() -> str | None:
     """On Kaggle, expose only GPU 0 unless ``CUDA_VISIBLE_DEVICES`` is already set or a launcher started several
     processes (one per GPU); returns what was set."""
-    from llmft.runtime import launched_distributed, on_kaggle
+    from llmft.environment import launched_distributed, on_kaggle
 
     if not on_kaggle() or "CUDA_VISIBLE_DEVICES" in os.environ or launched_distributed():
         return None
@@ -88,6 +90,44 @@ def import_unsloth():
     except Exception as exc:  # noqa: BLE001 - rewrap with what to do
         raise ImportError(f"Importing Unsloth {version} failed: {exc}. {INSTALL_HINT}") from exc
     return sys.modules["unsloth"]
+
+
+ORDERED_AFTER_UNSLOTH = ("transformers", "trl", "peft")
+_wrapped_import = None  # Python's own __import__ while the wrapper below is installed
+
+
+def unsloth_before_transformers() -> bool:
+    """Guarantee that Unsloth is imported before transformers, TRL and PEFT, whoever imports them first, without
+    importing anything heavy now (so ``llmft.kaggle``, ``llmft.configs`` and ``python -m llmft --help`` stay light).
+
+    Until Unsloth is loaded, Python's ``__import__`` is wrapped: the first ``import transformers`` (or trl, peft, or
+    one of their submodules) imports Unsloth just before it, through :func:`import_unsloth` and its checks. The
+    wrapper steps aside for good once Unsloth is in. Nothing is installed when Unsloth is already imported, when one of
+    those libraries was imported first (:func:`import_unsloth` warns about that when llmft needs Unsloth), or when
+    Unsloth is not installed (llmft's model functions then say how to install it). Returns whether it was installed.
+    ``importlib.import_module("transformers")`` bypasses ``__import__``: llmft's own modules import Unsloth
+    explicitly wherever they need it."""
+    global _wrapped_import
+    import builtins
+    import importlib.util
+
+    if _wrapped_import is not None or "unsloth" in sys.modules:
+        return _wrapped_import is not None
+    if any(name in sys.modules for name in ORDERED_AFTER_UNSLOTH) or importlib.util.find_spec("unsloth") is None:
+        return False
+    original = _wrapped_import = builtins.__import__
+
+    def _import(name, globals=None, locals=None, fromlist=(), level=0):
+        global _wrapped_import
+        if _wrapped_import is not None and level == 0 and name.partition(".")[0] in ORDERED_AFTER_UNSLOTH:
+            _wrapped_import = None
+            if builtins.__import__ is _import:
+                builtins.__import__ = original
+            import_unsloth()
+        return original(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = _import
+    return True
 
 
 @contextlib.contextmanager

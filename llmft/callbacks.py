@@ -43,7 +43,8 @@ from transformers.trainer_callback import ExportableState
 
 from llmft.log import say
 from llmft.models import save_active_adapter
-from llmft.runtime import any_process, is_main_process
+from llmft.probes import PROBE_PREFIX, probe_metric  # noqa: F401  (also llmft.callbacks.*)
+from llmft.environment import any_process, is_main_process
 
 CORE_COLUMNS = ["step", "epoch", "event", "loss", "learning_rate", "grad_norm", "weight_decay",
                 "gpu_mem_reserved_gb", "gpu_mem_allocated_gb"]
@@ -58,17 +59,6 @@ def greater_is_better_for(metric: str) -> bool:
 
 def _metric_key(metric: str) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
-
-
-PROBE_PREFIX = "eval_probe/"
-
-
-def probe_metric(name: str) -> str:
-    """The evaluation metric a probe is reported as: ``eval_probe/<name>`` (``name``, ``probe/<name>`` or the full
-    key are accepted)."""
-    if name.startswith(PROBE_PREFIX):
-        return name
-    return PROBE_PREFIX + (name[len("probe/"):] if name.startswith("probe/") else name)
 
 
 def _below_threshold(metrics: dict, retain: dict, who: str) -> dict[str, float]:
@@ -114,24 +104,6 @@ def _write_json_atomically(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
-TOKEN_COUNTERS = ("num_tokens",)  # cumulative counters TRL keeps in memory only (lost on resume)
-
-
-def _totals_before(rows: list[dict]) -> tuple[float, dict[str, float]]:
-    """From the train rows kept at a resume: the summed training loss (each logged loss is a mean over the steps
-    since the previous log) and the last value of each cumulative token counter."""
-    loss_sum, previous, tokens = 0.0, 0, {}
-    for row in sorted((r for r in rows if r.get("event") == "train"), key=lambda r: int(float(r["step"]))):
-        step = int(float(row["step"]))
-        if row.get("loss") not in (None, ""):
-            loss_sum += float(row["loss"]) * (step - previous)
-            previous = step
-        for key in TOKEN_COUNTERS:
-            if row.get(key) not in (None, ""):
-                tokens[key] = float(row[key])
-    return loss_sum, tokens
-
-
 class _Improvement:
     """Shared rule: is ``value`` better than ``best`` by more than ``min_delta`` in the metric's direction?"""
 
@@ -164,8 +136,8 @@ class MetricsLogger(TrainerCallback):
     ``eval_rewards/accuracies``, ...), added as they first appear. Each row is flushed and fsynced, so a crash loses
     nothing already logged; on resume, rows after the checkpoint's step (logged in the lost part of the run) are
     dropped, so every step appears once. ``tensorboard=True`` also writes the scalars to ``<path dir>/tensorboard``.
-    With several processes only the main one writes (every process reads the rows kept at a resume, so the totals
-    it corrects in the logs are the same everywhere).
+    With several processes only the main one writes. The totals a resumed trainer would restart (``train_loss``,
+    ``num_tokens``) are restored in the trainer itself (:class:`llmft.trainers.RunningTotals`), so the rows carry them.
     """
 
     def __init__(self, path: str | os.PathLike, tensorboard: bool = False):
@@ -173,10 +145,6 @@ class MetricsLogger(TrainerCallback):
         self.tensorboard = tensorboard
         self._columns: list[str] | None = None
         self._writer = None
-        # After a resume, transformers' end-of-training train_loss only sums the losses of the resumed part (divided
-        # by all steps), and TRL's num_tokens restarts from zero: both are corrected from the rows already logged.
-        self._loss_before_resume = 0.0
-        self._tokens_before_resume: dict[str, float] = {}
 
     def _read(self) -> tuple[list[str], list[dict]]:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -206,7 +174,6 @@ class MetricsLogger(TrainerCallback):
             else:
                 say(f"MetricsLogger: resuming at step {state.global_step}; dropped {len(rows) - len(kept)} rows "
                     "logged after that checkpoint (they will be logged again)")
-        self._loss_before_resume, self._tokens_before_resume = _totals_before(kept)
         self._columns = columns or list(CORE_COLUMNS)
         if not is_main_process(args):
             return
@@ -219,7 +186,6 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
-        self._carry_over_resumed_totals(logs, state)
         if not is_main_process(args):
             return
         reserved, allocated = _gpu_memory_gb()
@@ -241,14 +207,6 @@ class MetricsLogger(TrainerCallback):
             for key, value in row.items():
                 if key not in ("step", "epoch", "event"):
                     self._writer.add_scalar(key, value, state.global_step)
-
-    def _carry_over_resumed_totals(self, logs: dict, state) -> None:
-        """Correct, in the logs every later callback sees, the totals a resumed trainer restarts from zero."""
-        for key, before in self._tokens_before_resume.items():
-            if isinstance(logs.get(key), (int, float)):
-                logs[key] = logs[key] + before
-        if "train_loss" in logs and self._loss_before_resume and state.global_step:
-            logs["train_loss"] = logs["train_loss"] + self._loss_before_resume / state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._writer is not None:

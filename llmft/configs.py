@@ -8,8 +8,11 @@ As TRL's ``SFTConfig``: a dataclass per concept, each field with ``metadata={"he
   take as keywords (the control fields included), with their own defaults where SFT and DPO differ;
 - :class:`DistillConfig`: knowledge distillation against forgetting (:class:`llmft.trainers.DistillSFTTrainer`).
 
-Options that are neither llmft's nor TRL's are refused with the closest name suggested (:func:`check_names`); the
-builders write the options they used to ``output_dir/llmft_config.json`` (:func:`save_config`), so every run
+Options that are neither llmft's nor TRL's are refused with the closest name suggested (:func:`check_names`); values
+that cannot work (a learning rate of "abc" or 0, a batch of 0, ``max_steps=-5``, an ``output_dir`` that is a file, ...)
+are refused when the options are built, before any model loads, with a :class:`ConfigError` naming the option and the
+fix (:func:`check_values`). Numbers written as strings, as PyYAML reads ``2e-4``, are taken as numbers. The builders
+write the options they used to ``output_dir/llmft_config.json`` (:func:`save_config`), so every run
 records its settings, and a recipe file (:mod:`llmft.recipes`) is these same fields in YAML.
 """
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmft.models import DEFAULT_SEED
+from llmft.environment import DEFAULT_SEED
 
 CONFIG_FILE = "llmft_config.json"
 
@@ -49,6 +54,99 @@ def field_names(config_cls) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls)]
 
 
+_NO_VALUE = object()
+
+
+class ConfigError(ValueError):
+    """An option whose value cannot work (or a config file that cannot be read): the message names the option (or
+    file:line:column), the value and the fix, also kept as ``option``, ``value`` and ``fix``."""
+
+    def __init__(self, option: str, value=_NO_VALUE, fix: str = ""):
+        self.option, self.value, self.fix = option, value, fix
+        super().__init__(f"{option}: {fix}" if value is _NO_VALUE else f"{option}={value!r}: {fix}")
+
+
+_NUMBER_PARTS = {"int", "float", "None", "NoneType"}
+
+
+def _number_type(annotation) -> type | None:
+    """``float`` or ``int`` for a field annotated as a plain number (``float``, ``int | None``, ``Optional[float]``),
+    else None (strings, containers, unions with ``str``)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    parts = {part for part in re.split(r"[\s|,\[\]]+", text.replace("typing.", "").replace("Optional", "")) if part}
+    if not parts or not parts <= _NUMBER_PARTS:
+        return None
+    return float if "float" in parts else int if "int" in parts else None
+
+
+def number(option: str, value, kind: type = float, example=None):
+    """``value`` as a finite ``kind`` (``float`` or ``int``). A numeric string is converted: PyYAML reads ``2e-4`` as
+    the string "2e-4" (YAML 1.1 wants ``2.0e-4``). Anything else is a :class:`ConfigError` naming ``option``."""
+    example = f"; e.g. {option}={example!r}" if example is not None else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(option, value, f"expected a number{example}")
+    given = value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(option, given, f"not a number{example}") from None
+    if not math.isfinite(value):
+        raise ConfigError(option, given, f"expected a finite number{example}")
+    if kind is int:
+        if value != int(value):
+            raise ConfigError(option, given, f"expected a whole number{example}")
+        return int(value)
+    return value  # a float field keeps an int as given (5 warmup steps stay 5)
+
+
+def coerce_numbers(config, fields=None) -> None:
+    """Convert, in place, the number fields of a dataclass instance (or of a dict, with ``fields`` the dataclass
+    fields that type it) from numeric strings; refuse non-numbers with a :class:`ConfigError`. ``None`` is left alone."""
+    is_dict = isinstance(config, dict)
+    for f in fields if fields is not None else dataclasses.fields(config):
+        kind = _number_type(f.type)
+        if kind is None or (f.name not in config if is_dict else False):
+            continue
+        value = config[f.name] if is_dict else getattr(config, f.name)
+        if value is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        value = number(f.name, value, kind, default)
+        if is_dict:
+            config[f.name] = value
+        else:
+            setattr(config, f.name, value)
+
+
+def check_values(options) -> None:
+    """The checks of the options every run shares (:class:`SFTOptions`, :class:`DPOOptions`): each bad value is a
+    :class:`ConfigError` naming the option and the fix. One home, so the checks can move with the options."""
+    o = options
+    if o.max_steps == 0 or o.max_steps < -1:
+        raise ConfigError("max_steps", o.max_steps, "give a positive number of optimizer steps, or -1 to train for "
+                                                    "num_train_epochs")
+    if o.max_steps == -1 and o.num_train_epochs <= 0:
+        raise ConfigError("num_train_epochs", o.num_train_epochs,
+                          "with max_steps=-1 the run lasts num_train_epochs: give a positive number (fractions "
+                          "allowed, e.g. 0.2), or set max_steps")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(o, name) < 1:
+            raise ConfigError(name, getattr(o, name), "must be at least 1")
+    for name in ("eval_steps", "eval_max_samples"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
+            raise ConfigError(name, getattr(o, name), "must be at least 1, or None")
+    if o.learning_rate <= 0:
+        raise ConfigError("learning_rate", o.learning_rate,
+                          "must be > 0 (LoRA SFT typically 2e-4, DPO 5e-6); to train nothing, do not train")
+    for name in ("warmup_steps", "weight_decay"):
+        if getattr(o, name) < 0:
+            raise ConfigError(name, getattr(o, name), "must be >= 0")
+    if o.output_dir and Path(o.output_dir).exists() and not Path(o.output_dir).is_dir():
+        raise ConfigError("output_dir", o.output_dir, "is a file; checkpoints, metrics.csv and best/ go in a "
+                                                      "directory: name a new or existing directory")
+
+
 @dataclass
 class DistillConfig:
     """Knowledge distillation against forgetting (CodeMMLU report): the SFT loss plus ``weight`` x KL(teacher ||
@@ -63,9 +161,11 @@ class DistillConfig:
         "The CodeMMLU report's variant: distil only on tokens the teacher predicts correctly.", False)
 
     def __post_init__(self):
-        if self.weight < 0 or self.temperature <= 0:
-            raise ValueError(f"DistillConfig(weight={self.weight}, temperature={self.temperature}): need weight >= 0 "
-                             "and temperature > 0")
+        coerce_numbers(self)
+        if self.weight < 0:
+            raise ConfigError("distill.weight", self.weight, "need weight >= 0 (0.3 is a good start; 0: no KL term)")
+        if self.temperature <= 0:
+            raise ConfigError("distill.temperature", self.temperature, "need temperature > 0 (1.0: unsoftened)")
 
     @classmethod
     def coerce(cls, value) -> "DistillConfig | None":
@@ -110,10 +210,12 @@ class TrainingControlConfig:
                                         "never stop.", 2)
 
     def __post_init__(self):
+        coerce_numbers(self)
         if self.weight_decay_ramp is not None:
             self.weight_decay_ramp = tuple(self.weight_decay_ramp)
             if len(self.weight_decay_ramp) != 2:
-                raise ValueError(f"weight_decay_ramp={self.weight_decay_ramp!r}: give (start, end)")
+                raise ConfigError("weight_decay_ramp", self.weight_decay_ramp, "give (start, end)")
+            self.weight_decay_ramp = tuple(number("weight_decay_ramp", v) for v in self.weight_decay_ramp)
 
     def control(self) -> "TrainingControlConfig":
         """Only the control fields (of a subclass instance such as :class:`SFTOptions`)."""
@@ -144,14 +246,18 @@ class _RunOptions:
     seed: int = _help("Random seed (also the data order seed).", DEFAULT_SEED)
     report_to: str = _help("transformers' integrations ('none', 'tensorboard', 'wandb', ...).", "none")
 
+    def __post_init__(self):
+        coerce_numbers(self)
+        check_values(self)
+
 
 @dataclass
 class SFTOptions(TrainingControlConfig, _RunOptions):
     """Every option of :func:`llmft.build_trainer` (T4 defaults). Other ``trl.SFTConfig`` fields pass through."""
 
     max_seq_length: int | None = _help("Longest row in tokens; None: the model's (from load_model).")
-    responses_only: bool | None = _help("Loss on responses only; None: on for chat data, and for text data when "
-                                        "instruction_part and response_part are given.")
+    responses_only: bool | None = _help("Loss on responses only; None: on for chat and prompt/completion data, and "
+                                        "for text data when instruction_part and response_part are given.")
     instruction_part: str | None = _help("Text data: the marker before each instruction, e.g. '### Instruction:\\n'.")
     response_part: str | None = _help("Text data: the marker before each response, e.g. '### Response:\\n'.")
     distill: DistillConfig | None = _help("Knowledge distillation from the adapter-disabled model (a DistillConfig, "
@@ -159,6 +265,7 @@ class SFTOptions(TrainingControlConfig, _RunOptions):
 
     def __post_init__(self):
         TrainingControlConfig.__post_init__(self)
+        _RunOptions.__post_init__(self)
         self.distill = DistillConfig.coerce(self.distill)
         if (self.instruction_part is None) != (self.response_part is None):
             raise ValueError("build_trainer: give both instruction_part and response_part, or neither")
@@ -174,6 +281,13 @@ class DPOOptions(TrainingControlConfig, _RunOptions):
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     beta: float = _help("DPO's β: how far the policy may move from the reference.", 0.1)
     max_length: int | None = _help("Longest prompt + response in tokens; None: the model's max_seq_length.")
+
+    def __post_init__(self):
+        TrainingControlConfig.__post_init__(self)
+        _RunOptions.__post_init__(self)
+        if self.beta <= 0:
+            raise ConfigError("beta", self.beta, "DPO's beta must be > 0 (0.1 is usual; larger keeps the policy "
+                                                 "closer to the reference)")
 
 
 def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=None):
@@ -191,6 +305,8 @@ def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=Non
         base = {name: getattr(base, name) for name in ours}
     values = {**(base or {}), **{k: v for k, v in given.items() if k in ours}}
     passthrough = {k: v for k, v in given.items() if k not in ours}
+    if trl_config_cls is not None:  # TRL's numbers too: "1e-8" from a YAML recipe is a number
+        coerce_numbers(passthrough, [f for f in dataclasses.fields(trl_config_cls) if f.name in passthrough])
     return config_cls(**values), passthrough
 
 
@@ -215,7 +331,7 @@ def config_dict(options, trl_args: dict | None = None, kind: str | None = None) 
 
 def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = None, kind: str | None = None) -> Path:
     """Write ``output_dir/llmft_config.json`` atomically (by the main process only under torchrun); returns its path."""
-    from llmft.runtime import is_main_process
+    from llmft.environment import is_main_process
 
     out = Path(output_dir)
     path = out / CONFIG_FILE

@@ -189,24 +189,32 @@ def alpaca_to_text(dataset, eos_token: str, *, instruction: str = "instruction",
 
 
 def sample_lengths(dataset, tokenizer) -> list[int]:
-    """Token count of each row as the trainer will see it: ``messages`` rendered with the chat template, ``text``, or
-    for preference pairs the longer of prompt + chosen and prompt + rejected."""
+    """Token count of each row as the trainer will see it: ``messages`` rendered with the chat template, ``text``,
+    prompt + completion, or for preference pairs the longer of prompt + chosen and prompt + rejected (conversational
+    rows rendered with the chat template, plain-text rows as text)."""
     from llmft.templates import require_chat_template
 
-    if {"prompt", "chosen", "rejected"} <= set(dataset.column_names):
-        require_chat_template(tokenizer, "the preference pairs")
+    columns = set(dataset.column_names)
+    if {"prompt", "chosen", "rejected"} <= columns or {"prompt", "completion"} <= columns:
+        answers = ("chosen", "rejected") if "chosen" in columns else ("completion",)
         lengths = []
         for row in dataset:
-            sides = [tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False) for k in ("chosen", "rejected")]
-            lengths.append(max(len(ids) for ids in tokenizer(sides, add_special_tokens=False)["input_ids"]))
+            if isinstance(row["prompt"], list):  # conversational: the trainer applies the chat template
+                require_chat_template(tokenizer, "the conversational prompts")
+                sides = [tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False) for k in answers]
+                special = False  # the template writes BOS itself
+            else:  # plain text: prompt + answer, as the trainer tokenizes them
+                sides, special = [row["prompt"] + row[k] for k in answers], True
+            lengths.append(max(len(ids) for ids in tokenizer(sides, add_special_tokens=special)["input_ids"]))
         return lengths
-    if "messages" in dataset.column_names:
+    if "messages" in columns:
         require_chat_template(tokenizer, "the 'messages' rows")
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
     elif "text" in dataset.column_names:
         texts = list(dataset["text"])
     else:
-        raise DataError(f"sample_lengths: expected 'messages', 'text' or prompt/chosen/rejected columns, got "
+        raise DataError(f"sample_lengths: expected 'messages', 'text', prompt/completion or prompt/chosen/rejected "
+                        "columns, got "
                         f"{dataset.column_names}")
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
@@ -219,13 +227,65 @@ def count_overlong(dataset, tokenizer, max_seq_length: int, name: str = "dataset
     return report
 
 
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def pair_problem(chosen: str, rejected: str) -> str | None:
+    """Why a preference pair carries no preference ("empty chosen", "empty rejected", "chosen == rejected"), or None.
+    DPO on such a pair trains at loss ln 2 with no signal."""
+    return ("empty chosen" if not chosen.strip() else "empty rejected" if not rejected.strip()
+            else "chosen == rejected" if chosen.strip() == rejected.strip() else None)
+
+
+def _answer_text(value):
+    """An answer's text: a string, or the contents of its assistant message(s); None for any other shape."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return "".join(m["content"] for m in value)
+    return None
+
+
+def check_preference_rows(dataset, argument: str = "train_dataset") -> str:
+    """Check trainer-ready preference rows (``prompt``/``chosen``/``rejected``) as a DPO trainer takes them: every row
+    in one form, conversational (message lists) or plain text (strings), and every pair carrying a preference (the
+    checks of :func:`preference_pairs`). Returns the form ("conversational" or "text"); raises :class:`DataError`
+    naming the rows otherwise."""
+    if len(dataset) == 0:
+        raise DataError(f"{argument}: empty (0 rows); DPO needs at least one prompt/chosen/rejected pair")
+    problems: "OrderedDict[str, list[int]]" = OrderedDict()
+    form = None
+    for i, row in enumerate(dataset):
+        conversational = isinstance(row["prompt"], list)
+        row_form = "conversational" if conversational else "text" if isinstance(row["prompt"], str) else None
+        answers = [_answer_text(row[k]) for k in ("chosen", "rejected")]
+        if row_form is None or None in answers or conversational != all(isinstance(row[k], list)
+                                                                       for k in ("chosen", "rejected")):
+            raise DataError(f"{argument}, row {i}: prompt, chosen and rejected must be all strings (plain text) or all "
+                            "lists of {role, content} messages; got "
+                            f"{', '.join(type(row[k]).__name__ for k in PREFERENCE_COLUMNS)}. "
+                            "llmft.data.preference_pairs converts string rows to chat turns")
+        form = form or row_form
+        if row_form != form:
+            raise DataError(f"{argument}, row {i}: {row_form} while row 0 is {form}; use one form for every row "
+                            "(llmft.data.preference_pairs converts string rows to chat turns)")
+        problem = pair_problem(*answers)
+        if problem:
+            problems.setdefault(problem, []).append(i)
+    if problems:
+        listed = "; ".join(f"{problem}: rows {shorten(rows)}" for problem, rows in problems.items())
+        raise DataError(f"{argument}: {sum(map(len, problems.values()))} pairs carry no preference ({listed}); DPO "
+                        "would train on them at loss ln 2 with no signal. Fix those rows, or drop and count them with "
+                        "llmft.data.preference_pairs(dataset, strict=False)")
+    return form
+
+
 def _pair_row(i: int, prompt_messages: list[dict], chosen, rejected, report: DataReport, strict: bool):
     """One conversational preference row, or None when the pair teaches nothing (counted in ``report``)."""
     for field_name, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str):
             raise DataError(f"row {i}, field '{field_name}': expected a string, got {type(value).__name__}")
-    problem = ("empty chosen" if not chosen.strip() else "empty rejected" if not rejected.strip()
-               else "chosen == rejected" if chosen.strip() == rejected.strip() else None)
+    problem = pair_problem(chosen, rejected)
     if problem:
         if strict:
             raise DataError(f"row {i}, field '{'rejected' if 'rejected' in problem else 'chosen'}': {problem}, so the "
@@ -360,8 +420,9 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
     Reads CodeMMLU-style rows (``task_id``, ``question``, ``choices`` as a list or stringified list, ``answer`` as a
     letter or messy text) and Vietnamese rows shaped like beyoru/Tin_hoc_mcq (``answer_a`` ... ``answer_d``,
     ``answer_key``). Returns ``task_id``, ``prompt`` (ends with "Answer:", for scoring/generation), ``choices``,
-    ``n_choices`` and, with answers, ``answer`` (a letter) and ``text`` (prompt + " " + letter + ``eos_token``, for
-    training). Rows whose answer cannot be resolved are skipped and reported by task_id; malformed rows raise
+    ``n_choices`` and, with answers, ``answer`` (a letter) and ``completion`` (" " + letter + ``eos_token``): prompt /
+    completion rows that :func:`llmft.build_trainer` takes as they are, with the loss on the completion only (the
+    letter as :func:`llmft.mcq.score_choices` reads it, and the end of sequence). Rows whose answer cannot be resolved are skipped and reported by task_id; malformed rows raise
     :class:`DataError` naming the row and field. Letters never shift: trailing empty options (``answer_d=""`` on a
     three-choice row) just mean fewer choices, and an empty option before a filled one is a :class:`DataError`
     naming the row and field. ``with_answers=False`` for test rows without answers.
@@ -407,7 +468,7 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
             if letter is None:
                 report.skip("answer not resolvable to one of the choices", tid)
                 continue
-            item.update(answer=letter, text=f"{prompt} {letter}{eos_token}")
+            item.update(answer=letter, completion=f" {letter}{eos_token}")
         out.append(item)
     return _finish(out, report, verbose, return_report)
 

@@ -78,8 +78,9 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     import matplotlib
 
     matplotlib.use("Agg")
-    import llmft
-    from llmft import callbacks, mcq, plots, probes, templates
+    from llmft import data
+    from llmft.models import load_model
+    from llmft import callbacks, mcq, plots, probes
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -88,9 +89,9 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     probe = probes.fibonacci_probe(max_items=probe_items)
 
     say("[1/4] loading the tiny pretrained base and the sequence questions", verbose)
-    model, tokenizer = llmft.load_model(str(base_dir), **LOAD_OPTIONS, seed=seeds[0])
-    rows = llmft.mcq_rows(testing.tiny_sequence_mcq("train", mcq_rows), eos_token=tokenizer.eos_token, verbose=False)
-    val = llmft.mcq_rows(testing.tiny_sequence_mcq("val"), eos_token=tokenizer.eos_token, verbose=False)
+    model, tokenizer = load_model(str(base_dir), **LOAD_OPTIONS, seed=seeds[0])
+    rows = data.mcq_rows(testing.tiny_sequence_mcq("train", mcq_rows), eos_token=tokenizer.eos_token, verbose=False)
+    val = data.mcq_rows(testing.tiny_sequence_mcq("val"), eos_token=tokenizer.eos_token, verbose=False)
     baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
     task = mcq_accuracy(val)
     steps_per_epoch = -(-len(rows) // batch_size)
@@ -106,12 +107,10 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     say(f"[2/4] {n_runs} LoRA runs ({', '.join(variants)}; seeds {', '.join(map(str, seeds))}), each probed and "
         f"scored; the 1-epoch adapters repaired at λ = {', '.join(map(str, REPAIR_LAMBDAS))}", verbose)
     experiment = run_experiment(
-        str(base_dir), variants, rows.select_columns(["text"]), val.select_columns(["text"]).select(range(16)),
+        str(base_dir), variants, rows, val.select(range(16)),
         output_dir=str(out / "runs"), load_options={**LOAD_OPTIONS, "seed": seeds[0]}, loaded=(model, tokenizer),
         trainer_options=dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-                             learning_rate=learning_rate, warmup_steps=5,
-                             instruction_part=templates.MCQ_INSTRUCTION_PART,
-                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None, keep_best=0,
+                             learning_rate=learning_rate, warmup_steps=5, early_stopping_patience=None, keep_best=0,
                              save_strategy="no", eval_steps=max(1, steps_per_epoch // 6), disable_tqdm=not verbose,
                              gradient_checkpointing=False),
         probes={"probe": probe}, scorers={"mcq_accuracy": task}, base_name=BASE_RUN, seeds=seeds,
@@ -127,7 +126,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
                         y_label=f"Fibonacci probe accuracy ({len(probe.prompts)} items, skill kept)",
                         title="Learning vs forgetting (mean ± 1 sd over seeds)")
     curve_dirs = table.loc[(table["run"] == CURVE_RUN), "output_dir"].tolist()
-    plots.plot_probe_curves({CURVE_RUN: curve_dirs}, probe.name, figures["forgetting_curve"],
+    probes.plot_probe_curves({CURVE_RUN: curve_dirs}, probe.name, figures["forgetting_curve"],
                             title="Live Fibonacci probe (32 windows) during 1 epoch: mean, min-max over seeds")
     import matplotlib.pyplot as plt
 
@@ -235,7 +234,10 @@ def run_sft_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     """The foundation demo: offline end-to-end SFT on FineTome-shaped chat data (train, evaluate, save and reload
     adapters, generate)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import llmft
+    from llmft.data import sharegpt_to_messages
+    from llmft.generation import generate_batch
+    from llmft.models import load_model, save_adapters
+    from llmft.trainers import build_trainer
     from llmft import plots
 
     prompts_text = ["What is the capital of France?", "What is 12 plus 7?", "Explain recursion in one sentence.",
@@ -243,23 +245,23 @@ def run_sft_demo(output_dir: str, max_steps: int, seed: int, arch: str) -> dict:
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model, tokenizer = llmft.load_model(str(testing.tiny_model_dir(arch)), max_seq_length=256, lora_r=16,
+    model, tokenizer = load_model(str(testing.tiny_model_dir(arch)), max_seq_length=256, lora_r=16,
                                         lora_alpha=32, seed=seed)
-    chats = llmft.sharegpt_to_messages(testing.tiny_finetome(160, seed=seed))
+    chats = sharegpt_to_messages(testing.tiny_finetome(160, seed=seed))
     train, held_out = chats.select(range(128)), chats.select(range(128, 160))
     prompts = [[{"role": "user", "content": p}] for p in prompts_text]
-    before = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24)
-    trainer = llmft.build_trainer(model, tokenizer, train, held_out, output_dir=str(out / "run"),
+    before = generate_batch(model, tokenizer, prompts, max_new_tokens=24)
+    trainer = build_trainer(model, tokenizer, train, held_out, output_dir=str(out / "run"),
                                   max_steps=max_steps, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                                   learning_rate=1e-2, warmup_steps=5, eval_steps=max(1, max_steps // 8), seed=seed,
                                   save_total_limit=1)
     eval_before = trainer.evaluate()["eval_loss"]
     train_result = trainer.train()
     eval_after = trainer.evaluate()["eval_loss"]
-    after = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=24)
-    adapter_dir = llmft.save_adapters(model, tokenizer, out / "adapters")
-    reloaded, reloaded_tok = llmft.load_model(str(adapter_dir), max_seq_length=256)
-    after_reload = llmft.generate_batch(reloaded, reloaded_tok, prompts, max_new_tokens=24)
+    after = generate_batch(model, tokenizer, prompts, max_new_tokens=24)
+    adapter_dir = save_adapters(model, tokenizer, out / "adapters")
+    reloaded, reloaded_tok = load_model(str(adapter_dir), max_seq_length=256)
+    after_reload = generate_batch(reloaded, reloaded_tok, prompts, max_new_tokens=24)
     plots.plot_training(out / "run", out / "training_curves.png", title="Demo SFT")
     results = {
         "model": f"tiny {arch} (llmft.testing), 4-bit, LoRA r=16", "train_rows": len(train),

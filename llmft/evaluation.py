@@ -1,5 +1,5 @@
-"""Evaluation: BLEU, ROUGE and BERTScore that work offline, oasst1 evaluation pairs, base vs adapters comparisons and
-a qualitative side-by-side table.
+"""Evaluation: BLEU, ROUGE and BERTScore that work offline, base vs adapters comparisons and a qualitative
+side-by-side table (oasst1 evaluation pairs come from :func:`llmft.data.oasst1_pairs`).
 
 The metrics are thin calls into sacreBLEU, rouge-score and bert-score with the settings of the hub's ``evaluate``
 metrics, so numbers line up with the NTUA lab report's table, corrected where those settings are wrong for our users'
@@ -12,8 +12,6 @@ modules: ``evaluate.load(llmft.evaluation.metric_path("bleu"))``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import unicodedata
@@ -21,8 +19,8 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Sequence
 
-from llmft.data import oasst1_pairs  # noqa: F401  (its home is llmft.data; kept here for old notebooks)
-from llmft.models import restore_saved_adapter_dtype
+from llmft.generation import generate_by_model, generate_cached  # noqa: F401  (notebooks: evaluation.*)
+from llmft.log import say
 
 METRIC_NAMES = ("bleu", "rouge", "bertscore")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -48,12 +46,32 @@ def _as_reference_lists(predictions: Sequence[str], references, metric: str = "m
         raise ValueError(f"{metric}: no predictions to score (empty lists); pass at least one prediction with its "
                          "reference(s)")
     for i, p in enumerate(predictions):
+        if p is None or (isinstance(p, float) and math.isnan(p)):
+            raise ValueError(f"{metric}: predictions[{i}] is {p!r} (a missing answer); an empty answer is '' (it "
+                             f"scores 0), or drop row {i} from both lists")
         if not isinstance(p, str):
             raise ValueError(f"{metric}: predictions[{i}] is {type(p).__name__}, expected a string")
-    refs = [[r] if isinstance(r, str) else list(r) for r in references]
-    for i, group in enumerate(refs):
-        if not group or not all(isinstance(r, str) for r in group):
-            raise ValueError(f"{metric}: references[{i}]: expected a string or a non-empty list of strings")
+    refs = []
+    for i, r in enumerate(references):
+        if isinstance(r, str):
+            refs.append([r])
+            continue
+        if r is None or (isinstance(r, float) and math.isnan(r)):
+            raise ValueError(f"{metric}: references[{i}] is {r!r} (a missing reference): every prediction needs one; "
+                             f"drop row {i} from both lists, or fix the data")
+        try:
+            group = list(r)
+        except TypeError:
+            raise ValueError(f"{metric}: references[{i}] is {type(r).__name__}, expected a string or a non-empty list "
+                             "of strings") from None
+        if not group:
+            raise ValueError(f"{metric}: references[{i}]: expected a string or a non-empty list of strings, got an "
+                             "empty list")
+        for j, ref in enumerate(group):
+            if not isinstance(ref, str):
+                raise ValueError(f"{metric}: references[{i}][{j}] is {ref!r}, expected a string (references[{i}]: "
+                                 "expected a string or a non-empty list of strings)")
+        refs.append(group)
     return refs
 
 
@@ -287,10 +305,14 @@ def bertscore(predictions: Sequence[str], references, model_type: str | None = N
     :func:`minilm_model_dir` and 6 offline), else bert-score's own default for ``lang`` (:func:`bertscore_model`:
     roberta-large layer 17 for English as the lab used, bert-base-multilingual-cased for "vi", "el", ...). Pass the
     language of your texts: ``lang="vi"``. RoBERTa/GPT-2 tokenizers encode the sentence's leading space as bert-score
-    intends, also under transformers 5 (see :func:`_encode_with_prefix_space`)."""
+    intends, also under transformers 5 (see :func:`_encode_with_prefix_space`).
+
+    An empty (or blank) prediction, or one whose references are all empty, scores 0 in precision, recall and F1, as
+    bert-score itself scores an empty sentence; a printed line counts them and names their rows."""
     import bert_score
 
     refs = _as_reference_lists(predictions, references, "bertscore")
+    predictions = list(predictions)
     if model_type is None:
         model_type, default_layers = bertscore_model(lang)
         num_layers = default_layers if num_layers is None else num_layers
@@ -300,15 +322,41 @@ def bertscore(predictions: Sequence[str], references, model_type: str | None = N
         if model_type not in model2layers:
             raise ValueError(f"bertscore(model_type={model_type!r}): bert-score has no default layer for this model "
                              "(a local directory or an unlisted model); pass num_layers, e.g. 6 for MiniLM-L6")
-    scorer = bert_score.BERTScorer(model_type=model_type, num_layers=num_layers, batch_size=batch_size,
-                                   device=device)
-    _encode_with_prefix_space(scorer._tokenizer)  # bert-score keeps its tokenizer here; no public accessor
-    precision, recall, f1 = scorer.score(list(predictions), refs, verbose=False, batch_size=batch_size)
-    p, r, f = precision.tolist(), recall.tolist(), f1.tolist()
+    # bert-score scores an empty sentence 0 (precision, recall and F1: its greedy matching masks them), but under
+    # transformers 5 it crashes before it gets there: it encodes "" with tokenizer.build_inputs_with_special_tokens,
+    # which transformers 5 tokenizers no longer have. Its rule is applied here, before the call, and counted: models
+    # do give empty answers. An empty reference among others is left out (it would score 0 and lose the max anyway).
+    n = len(refs)
+    kept_refs = [[r for r in group if r.strip()] for group in refs]
+    empty = [i for i, p in enumerate(predictions) if not p.strip()]
+    no_reference = [i for i, group in enumerate(kept_refs) if not group and predictions[i].strip()]
+    dropped_refs = sum(len(group) - len(kept) for group, kept in zip(refs, kept_refs) if kept)
+    scored = [i for i in range(n) if predictions[i].strip() and kept_refs[i]]
+    p, r, f = [0.0] * n, [0.0] * n, [0.0] * n
+    if scored:
+        scorer = bert_score.BERTScorer(model_type=model_type, num_layers=num_layers, batch_size=batch_size,
+                                       device=device)
+        _encode_with_prefix_space(scorer._tokenizer)  # bert-score keeps its tokenizer here; no public accessor
+        scores = scorer.score([predictions[i] for i in scored], [kept_refs[i] for i in scored], verbose=False,
+                              batch_size=batch_size)
+        for column, values in zip((p, r, f), scores):
+            for i, value in zip(scored, values.tolist()):
+                column[i] = value
+    notes = [f"{len(empty)} of {n} predictions are empty (rows {_rows(empty)})" if empty else "",
+             f"{len(no_reference)} have only empty references (rows {_rows(no_reference)})" if no_reference else ""]
+    if empty or no_reference:
+        say(f"bertscore: {' and '.join(filter(None, notes))}: scored 0 (precision, recall, F1), as bert-score scores "
+            "an empty sentence")
+    if dropped_refs:
+        say(f"bertscore: {dropped_refs} empty reference(s) left out of groups that have others")
     if not aggregate:
         return {"precision": p, "recall": r, "f1": f}
-    n = len(f)
     return {"precision": sum(p) / n, "recall": sum(r) / n, "f1": sum(f) / n}
+
+
+def _rows(indices: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, indices[:limit]))
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
 
 
 def score_all(predictions: Sequence[str], references, **bertscore_options) -> "OrderedDict[str, float]":
@@ -321,71 +369,8 @@ def score_all(predictions: Sequence[str], references, **bertscore_options) -> "O
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# base vs adapters
+# base vs adapters (the answers come from llmft.generation.generate_by_model)
 # --------------------------------------------------------------------------------------------------------------------
-def _cache_file(cache_dir, name: str, prompts, settings: dict) -> Path:
-    key = hashlib.sha256(json.dumps({"prompts": list(map(str, prompts)), **settings}, sort_keys=True).encode())
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-    return Path(cache_dir) / f"{safe}-{key.hexdigest()[:12]}.json"
-
-
-def generate_cached(model, tokenizer, prompts, name: str, cache_dir, *, batch_size: int = 8,
-                    max_new_tokens: int = 128, **generate_options) -> list[str]:
-    """:func:`llmft.generate_batch` with the answers written to ``cache_dir`` after every batch, so a disconnect
-    loses at most one batch and a re-run continues where it stopped. Under torchrun every process generates and only
-    the main one writes the cache."""
-    from tqdm.auto import tqdm
-
-    from llmft.generation import generate_batch
-    from llmft.runtime import is_main_process
-
-    settings = {"max_new_tokens": max_new_tokens, **{k: repr(v) for k, v in generate_options.items()}}
-    path = _cache_file(cache_dir, name, prompts, settings)
-    done = json.loads(path.read_text()) if path.exists() else []
-    writes = is_main_process()
-    with tqdm(total=len(prompts), initial=len(done), desc=f"generating ({name})", disable=not writes) as bar:
-        for start in range(len(done), len(prompts), batch_size):
-            done += generate_batch(model, tokenizer, prompts[start:start + batch_size], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=False, **generate_options)
-            if writes:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done))
-                os.replace(tmp, path)
-            bar.update(min(batch_size, len(prompts) - start))
-    return done
-
-
-def generate_by_model(model, tokenizer, prompts, adapters: dict | None = None, *, include_base: bool = True,
-                      cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8,
-                      max_new_tokens: int = 128, **generate_options) -> "OrderedDict[str, list[str]]":
-    """Answers to ``prompts`` from the base model (adapter disabled) and each named adapter, all on one base model in
-    memory: ``adapters`` maps a name to an adapter directory, loaded with PEFT's ``load_adapter``. Batched, greedy by
-    default, cached per batch in ``cache_dir`` (see :func:`generate_cached`)."""
-    if not hasattr(model, "load_adapter"):
-        raise ValueError("generate_by_model: model must be a PEFT model; load it with llmft.load_model (lora_r set)")
-    answers: "OrderedDict[str, list[str]]" = OrderedDict()
-    settings = dict(cache_dir=cache_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, **generate_options)
-    if include_base:
-        with model.disable_adapter():
-            answers["base"] = generate_cached(model, tokenizer, prompts, "base", **settings)
-    previous = model.active_adapter
-    try:
-        for name, path in (adapters or {}).items():
-            if not os.path.exists(os.path.join(path, "adapter_config.json")):
-                raise FileNotFoundError(f"adapters[{name!r}] = {path!r} has no adapter_config.json")
-            adapter_name = f"llmft_{name}"
-            if adapter_name not in model.peft_config:
-                model.load_adapter(path, adapter_name=adapter_name)
-                # in the dtype it was saved in: the same greedy answers as the model that was saved
-                restore_saved_adapter_dtype(model, path, adapter_name)
-            model.set_adapter(adapter_name)
-            answers[name] = generate_cached(model, tokenizer, prompts, f"{name}-{Path(path).resolve()}", **settings)
-    finally:
-        model.set_adapter(previous)
-    return answers
-
-
 def compare_models(model, tokenizer, prompts, references, adapters: dict | None = None, *, include_base: bool = True,
                    cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8, max_new_tokens: int = 128,
                    plot: bool = True, bertscore_options: dict | None = None, **generate_options):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from llmft.log import repeats_hidden, say
-from llmft.models import DEFAULT_SEED
+from llmft.environment import DEFAULT_SEED
 
 
 @dataclass
@@ -148,7 +148,8 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
     """
     import pandas as pd
 
-    import llmft
+    from llmft.models import load_model, save_adapters
+    from llmft.trainers import build_trainer, train
 
     from llmft.callbacks import quiet_console
 
@@ -158,7 +159,7 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
     rows, answers, runs = [], [], {}
     load_messages = set()
     with repeats_hidden(load_messages):
-        model, tokenizer = loaded if loaded is not None else llmft.load_model(base, **load_options)
+        model, tokenizer = loaded if loaded is not None else load_model(base, **load_options)
     default_seed = trainer_options.get("seed", load_options.get("seed", DEFAULT_SEED))
     if include_base:
         say(f"experiment: evaluating the base ({base_name})", verbose)
@@ -172,18 +173,18 @@ def run_experiment(base: str, variants: dict[str, dict], train_dataset, eval_dat
         if index or (seeds and seed != load_options.get("seed", seed)):
             _free(model)
             with repeats_hidden(load_messages):  # Unsloth prints the same line at every load
-                model, tokenizer = llmft.load_model(base, **{**load_options, **({"seed": seed} if seeds else {})})
+                model, tokenizer = load_model(base, **{**load_options, **({"seed": seed} if seeds else {})})
         run_dir = out / run_slug(name) / (f"seed-{seed}" if seeds else "")
-        trainer = llmft.build_trainer(model, tokenizer, train_dataset, eval_dataset, verbose=False,
-                                      **{**trainer_options, "output_dir": str(run_dir), "seed": seed, **options})
+        trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, verbose=False,
+                                **{**trainer_options, "output_dir": str(run_dir), "seed": seed, **options})
         quiet_console(trainer, progress)
         started = time.time()
-        stats = llmft.train(trainer, resume=resume)
+        stats = train(trainer, resume=resume)
         seconds = round(time.time() - started, 1)
         row, probe_answers = _evaluate(name, model, tokenizer, probes, scorers, progress)
         paths = {"output_dir": str(run_dir), "metrics": str(run_dir / "metrics.csv"), "adapters": None}
         if save_adapters:
-            paths["adapters"] = str(llmft.save_adapters(model, tokenizer, run_dir / "adapters"))
+            paths["adapters"] = str(save_adapters(model, tokenizer, run_dir / "adapters"))
         extra = on_run(name, model, tokenizer, trainer) if on_run is not None else None
         rows.append({"run": name, "seed": seed, "steps": stats.global_step, "train_seconds": seconds, **row,
                      **(extra or {}), **paths})

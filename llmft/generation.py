@@ -6,10 +6,17 @@ rendered with the tokenizer's chat template and the assistant header appended.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections import OrderedDict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence, Union
 
 from tqdm.auto import tqdm
+
+from llmft.models import restore_saved_adapter_dtype
 
 Prompt = Union[str, Sequence[dict]]
 
@@ -110,7 +117,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, batch_size: i
         raise ValueError("generate_batch: mix of chat and plain-string prompts; pass one kind per call")
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                    min_p=min_p, desc=desc, **generate_kwargs)
-    from llmft.runtime import is_main_process, process_count
+    from llmft.environment import is_main_process, process_count
 
     if not across_processes or process_count() <= 1:
         return _generate_here(model, tokenizer, rendered, progress=progress and is_main_process(), **options)
@@ -144,3 +151,66 @@ def _generate_here(model, tokenizer, rendered: list[tuple[str, bool]], *, batch_
             results += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             bar.update(len(chunk))
     return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# base vs adapters, cached on disk
+# --------------------------------------------------------------------------------------------------------------------
+def _cache_file(cache_dir, name: str, prompts, settings: dict) -> Path:
+    key = hashlib.sha256(json.dumps({"prompts": list(map(str, prompts)), **settings}, sort_keys=True).encode())
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+    return Path(cache_dir) / f"{safe}-{key.hexdigest()[:12]}.json"
+
+
+def generate_cached(model, tokenizer, prompts, name: str, cache_dir, *, batch_size: int = 8,
+                    max_new_tokens: int = 128, **generate_options) -> list[str]:
+    """:func:`generate_batch` with the answers written to ``cache_dir`` after every batch, so a disconnect
+    loses at most one batch and a re-run continues where it stopped. Under torchrun every process generates and only
+    the main one writes the cache."""
+    from llmft.environment import is_main_process
+
+    settings = {"max_new_tokens": max_new_tokens, **{k: repr(v) for k, v in generate_options.items()}}
+    path = _cache_file(cache_dir, name, prompts, settings)
+    done = json.loads(path.read_text()) if path.exists() else []
+    writes = is_main_process()
+    with tqdm(total=len(prompts), initial=len(done), desc=f"generating ({name})", disable=not writes) as bar:
+        for start in range(len(done), len(prompts), batch_size):
+            done += generate_batch(model, tokenizer, prompts[start:start + batch_size], batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, progress=False, **generate_options)
+            if writes:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(done))
+                os.replace(tmp, path)
+            bar.update(min(batch_size, len(prompts) - start))
+    return done
+
+
+def generate_by_model(model, tokenizer, prompts, adapters: dict | None = None, *, include_base: bool = True,
+                      cache_dir: str | os.PathLike = "outputs/generations", batch_size: int = 8,
+                      max_new_tokens: int = 128, **generate_options) -> "OrderedDict[str, list[str]]":
+    """Answers to ``prompts`` from the base model (adapter disabled) and each named adapter, all on one base model in
+    memory: ``adapters`` maps a name to an adapter directory, loaded with PEFT's ``load_adapter``. Batched, greedy by
+    default, cached per batch in ``cache_dir`` (see :func:`generate_cached`)."""
+    if not hasattr(model, "load_adapter"):
+        raise ValueError("generate_by_model: model must be a PEFT model; load it with llmft.load_model (lora_r set)")
+    answers: "OrderedDict[str, list[str]]" = OrderedDict()
+    settings = dict(cache_dir=cache_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, **generate_options)
+    if include_base:
+        with model.disable_adapter():
+            answers["base"] = generate_cached(model, tokenizer, prompts, "base", **settings)
+    previous = model.active_adapter
+    try:
+        for name, path in (adapters or {}).items():
+            if not os.path.exists(os.path.join(path, "adapter_config.json")):
+                raise FileNotFoundError(f"adapters[{name!r}] = {path!r} has no adapter_config.json")
+            adapter_name = f"llmft_{name}"
+            if adapter_name not in model.peft_config:
+                model.load_adapter(path, adapter_name=adapter_name)
+                # in the dtype it was saved in: the same greedy answers as the model that was saved
+                restore_saved_adapter_dtype(model, path, adapter_name)
+            model.set_adapter(adapter_name)
+            answers[name] = generate_cached(model, tokenizer, prompts, f"{name}-{Path(path).resolve()}", **settings)
+    finally:
+        model.set_adapter(previous)
+    return answers

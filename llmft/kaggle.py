@@ -12,10 +12,28 @@ from pathlib import Path
 
 MACHINE_SHAPES = ("NvidiaTeslaT4", "NvidiaTeslaP100", "NvidiaL4", "Tpu1VmV38")
 REQUIRED = ("id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_internet")
+_KAGGLE_VARIABLE = r"KAGGLE_(?:KEY|API_TOKEN)"
+_LITERAL = r"""[rRbBuU]?["'](?!\$)[^"'\s]+["']"""  # a non-empty literal, not "$VAR" (an empty default is no secret)
 SECRET_PATTERNS = {
-    "a Hugging Face token": re.compile(r"hf_[A-Za-z0-9]{30,}"),
-    "a Kaggle API key": re.compile(r"\"key\"\s*:\s*\"[0-9a-f]{32}\""),
-    "an OpenAI-style key": re.compile(r"sk-[A-Za-z0-9]{32,}"),
+    # the form it takes -> pattern; searched in every cell's source and in the text of its outputs (first match named)
+    "a Hugging Face token (hf_...)": re.compile(r"hf_[A-Za-z0-9]{30,}"),
+    "a Kaggle credential given a literal value in code (KAGGLE_KEY = '...', os.environ['KAGGLE_KEY'] = '...', "
+    "setdefault('KAGGLE_KEY', '...'); KAGGLE_API_TOKEN alike)":
+        re.compile(_KAGGLE_VARIABLE + r"""["']?\s*\]?\s*[=:]\s*""" + _LITERAL + r"""|(?:setdefault|putenv|setenv)\(\s*["']"""
+                   + _KAGGLE_VARIABLE + r"""["']\s*,\s*""" + _LITERAL),
+    "a Kaggle credential set with the %env magic (%env KAGGLE_KEY=...)":
+        re.compile(r"^[ \t]*%(?:set_)?env[ \t]+" + _KAGGLE_VARIABLE + r"(?:[ \t]*=[ \t]*|[ \t]+)(?![$\s])\S",
+                   re.MULTILINE),
+    "a Kaggle credential set on a shell line (!KAGGLE_KEY=... kaggle ..., export KAGGLE_KEY=...)":
+        re.compile(r"^[ \t]*(?:!|export[ \t]).*?\b" + _KAGGLE_VARIABLE + r"""=["']?(?![$\s"'])\S""", re.MULTILINE),
+    "a Kaggle API key in kaggle.json form ({'username': ..., 'key': '<32 hex digits>'}, either quotes, or key=...)":
+        re.compile(r"""key["']?\s*[:=]\s*[rRbBuU]?["'][0-9a-fA-F]{32}["']""", re.IGNORECASE),
+    "an OpenAI-style key (sk-...)": re.compile(r"sk-[A-Za-z0-9]{32,}"),
+}
+# Printed by a cell, a bare key has nothing around it to recognise it by: in outputs, 32 hex digits on their own count.
+OUTPUT_SECRET_PATTERNS = {
+    **SECRET_PATTERNS,
+    "a Kaggle API key (32 hex digits)": re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{32}(?![0-9A-Za-z])"),
 }
 
 
@@ -91,12 +109,38 @@ def validate_notebook(path: str | Path) -> dict:
     if language != "python":
         raise KernelError(f"{path}: kernel language {language!r}; Kaggle notebook kernels here are Python")
     for index, cell in enumerate(notebook.cells):
-        blob = cell.source + json.dumps(cell.get("outputs", []))
-        for what, pattern in SECRET_PATTERNS.items():
-            if pattern.search(blob):
-                raise KernelError(f"{path}, cell {index}: contains what looks like {what}; read secrets from Kaggle "
-                                  "Secrets (kaggle_secrets.UserSecretsClient) instead and clear the outputs")
+        for where, text, patterns in (("source", cell.source, SECRET_PATTERNS),
+                                      ("output", _output_text(cell.get("outputs", [])), OUTPUT_SECRET_PATTERNS)):
+            what = next((what for what, pattern in patterns.items() if pattern.search(text)), None)
+            if what is not None:  # the message names the cell and the form, never the secret itself
+                raise KernelError(
+                    f"{path}, cell {index} ({cell.cell_type}, in its {where}): contains what looks like {what}. "
+                    "Nothing was written or pushed. Read secrets from Kaggle Secrets (Add-ons > Secrets; "
+                    "kaggle_secrets.UserSecretsClient().get_secret(...)) or Colab's userdata instead of writing "
+                    "them in a cell, clear the outputs (Edit > Clear all outputs), and revoke the key if the "
+                    "notebook was ever shared")
     return notebook
+
+
+def _output_text(outputs) -> str:
+    """Every text a cell's outputs hold (streams, results, errors), as it was printed: not JSON-escaped, so a printed
+    ``{"key": "..."}`` still reads as one. Images are left out (base64 data)."""
+    texts = []
+
+    def collect(value, key=""):
+        if key.startswith("image/") and key != "image/svg+xml":
+            return
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                collect(v, str(k))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v, key)
+
+    collect(list(outputs))
+    return "\n".join(texts)
 
 
 def wheelhouse_path(dataset: str) -> str:

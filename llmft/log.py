@@ -42,7 +42,7 @@ if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
 def say(message, verbose: bool = True) -> None:
     """Log ``message`` at INFO when ``verbose``, else at DEBUG. When several processes train together (torchrun),
     only the main one speaks at INFO, as transformers' own ``log_level_replica="warning"`` does."""
-    from llmft.runtime import is_main_process
+    from llmft.environment import is_main_process
 
     logger.log(logging.INFO if verbose and is_main_process() else logging.DEBUG, "%s", message)
 

@@ -142,3 +142,19 @@ def mask_responses(dataset, tokenizer, *, instruction_part: str | None = None, r
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return Dataset.from_dict(out), report
+
+
+def completion_report(dataset, tokenizer, *, max_length: int, name: str = "train_dataset") -> MaskReport:
+    """Prompt/completion rows (TRL masks the prompt itself): the rows whose prompt alone fills ``max_length``
+    tokens, so truncation leaves no completion token and the trainer drops them, named before it does."""
+    report = MaskReport(name, rows=len(dataset))
+    for row, example in enumerate(dataset):
+        if isinstance(example["prompt"], list):
+            require_chat_template(tokenizer, f"{name}'s conversational prompts")
+            ids = tokenizer(_render(tokenizer, example["prompt"], add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(example["prompt"])["input_ids"]
+        if len(ids) >= max_length:
+            report.empty_rows.append(row)
+    return report

@@ -91,13 +91,37 @@ def accuracy(predictions: Sequence[str], answers: Sequence[str], subsets: Sequen
 
     if len(predictions) != len(answers):
         raise ValueError(f"accuracy: {len(predictions)} predictions but {len(answers)} answers")
-    frame = pd.DataFrame({"prediction": list(predictions), "answer": list(answers),
+    predictions, answers = list(predictions), list(answers)
+    _refuse_non_letters("predictions", predictions, no_answer_ok=True)
+    _refuse_non_letters("answers", answers, no_answer_ok=False)
+    frame = pd.DataFrame({"prediction": predictions, "answer": answers,
                           "subset": list(subsets) if subsets is not None else "all"})
     frame["correct"] = frame["prediction"] == frame["answer"]
     rows = [("all", len(frame), frame["correct"].mean() if len(frame) else float("nan"))]
     if subsets is not None:
         rows += [(name, len(g), g["correct"].mean()) for name, g in frame.groupby("subset", sort=True)]
     return pd.DataFrame(rows, columns=["subset", "n", "accuracy"]).set_index("subset")
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None, or pandas' NaN
+
+
+def _refuse_non_letters(name: str, values: list, *, no_answer_ok: bool) -> None:
+    """Refuse (not normalise) anything but a capital choice letter: a lowercase "a" or a padded " A" compared as is
+    would count as wrong without a word, and the same answer is refused in a submission (:func:`validate_submission`).
+    ``no_answer_ok``: None/NaN is a prediction without an answer (wrong), as :func:`predict_by_generation` gives."""
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str) or len(v) != 1 or v not in CHOICE_LETTERS]
+    if no_answer_ok:
+        bad = [i for i in bad if not _is_missing(values[i])]
+    if not bad:
+        return
+    examples = ", ".join(repr(values[i]) for i in bad[:3])
+    raise ValueError(
+        f"accuracy: {name} must be capital letters {CHOICE_LETTERS[0]}-{CHOICE_LETTERS[-1]}"
+        + (" (None for no answer)" if no_answer_ok else "") + f"; {len(bad)} of {len(values)} are not, at rows "
+        f"{_show(bad)} (e.g. {examples}). They are not normalised: for lowercase or padded letters pass "
+        "[str(p).strip().upper() for p in ...]; for generated text, mcq.extract_answer(text) or predict_by_generation")
 
 
 def majority_baseline(answers: Sequence[str]) -> tuple[str, float]:
@@ -119,7 +143,7 @@ def write_submission(task_ids: Sequence[str], predictions: Sequence[str], path: 
                      test_rows=None) -> Path:
     """Write a Kaggle ``submission.csv`` (``task_id,answer``), validated first (against ``test_rows`` from
     :func:`llmft.data.mcq_rows` when given), and written atomically (by the main process only under torchrun)."""
-    from llmft.runtime import is_main_process
+    from llmft.environment import is_main_process
 
     import pandas as pd
 
@@ -140,15 +164,30 @@ def _show(ids) -> str:
     return ", ".join(map(str, ids[:10])) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
 
 
+def read_submission(path: str | os.PathLike):
+    """A ``submission.csv`` as a DataFrame of strings (no NaN guessing); an empty file is a :class:`SubmissionError`
+    naming it, not pandas' ``EmptyDataError``."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise SubmissionError(f"{path}: the file is empty (not even the header 'task_id,answer'); it was probably "
+                              "written by a run that stopped early: write it again with "
+                              "llmft.mcq.write_submission(task_ids, predictions, path, test_rows=...)") from None
+
+
 def validate_submission(submission, test_rows=None) -> None:
     """Raise :class:`SubmissionError` unless the submission has columns ``task_id,answer``, each task_id once, no
     empty answer, and (with ``test_rows``) exactly the test set's task_ids with answers within each row's choices."""
-    import pandas as pd
-
-    frame = pd.read_csv(submission, dtype=str, keep_default_na=False) if isinstance(submission, (str, os.PathLike)) \
-        else submission.astype(str)
+    where = f"{submission}: " if isinstance(submission, (str, os.PathLike)) else ""
+    frame = read_submission(submission) if where else submission.astype(str)
     if list(frame.columns) != ["task_id", "answer"]:
-        raise SubmissionError(f"columns must be exactly ['task_id', 'answer'], got {list(frame.columns)}")
+        raise SubmissionError(f"{where}columns must be exactly ['task_id', 'answer'], got {list(frame.columns)}")
+    if frame.empty:
+        raise SubmissionError(f"{where}a header and no rows: a submission needs one row (task_id,answer) per test "
+                              "task_id; write it with llmft.mcq.write_submission(task_ids, predictions, path, "
+                              "test_rows=...)")
     duplicated = frame.loc[frame["task_id"].duplicated(), "task_id"]
     if len(duplicated):
         raise SubmissionError(f"task_ids appear more than once: {_show(duplicated.unique())}")
@@ -189,8 +228,8 @@ def majority_vote(csv_paths: Sequence[str | os.PathLike], out_path: str | os.Pat
         raise ValueError("majority_vote: priority must list the same CSVs as csv_paths")
     frames = {}
     for path in csv_paths:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        validate_submission(frame)
+        validate_submission(path)  # its errors name the file
+        frame = read_submission(path)
         frames[str(path)] = frame.set_index("task_id")["answer"]
     ids = list(frames[str(csv_paths[0])].index)
     for path, series in frames.items():

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Sequence
 
 from llmft._unsloth import import_unsloth
-from llmft.runtime import is_main_process, preflight, require_gpu
+from llmft.environment import DEFAULT_SEED, is_main_process
+from llmft.runtime import preflight, require_gpu
 
 # All attention and MLP projections of Llama/Qwen/Mistral/Gemma-style blocks (the NTUA lab report's "QKV, O and MLP").
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_SEED = 3407
 HUB_HOST = "huggingface.co"
 
 

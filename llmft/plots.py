@@ -42,7 +42,7 @@ def _series(frame, column):
 def save_figure(fig, path: str | os.PathLike | None = None):
     """Lay ``fig`` out tightly and, when ``path`` is given, write it (PNG at 110 dpi; by the main process only when
     several train together); returns the figure. Every llmft plot ends here."""
-    from llmft.runtime import is_main_process
+    from llmft.environment import is_main_process
 
     fig.tight_layout()
     if path is not None and is_main_process():
@@ -166,29 +166,4 @@ def plot_frontier(summary, x: str, y: str, path: str | os.PathLike | None = None
     ax.set(xlabel=x_label or x, ylabel=y_label or y, title=title, ylim=(-0.02, 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
-    return save_figure(fig, path)
-
-
-def plot_probe_curves(runs: dict, probe: str, path: str | os.PathLike | None = None, *,
-                      title: str = "Live probe during training"):
-    """A live probe (``eval_probe/<probe>`` in each run's metrics CSV) against the step: the mean over the runs of
-    each label with a band from its minimum to its maximum. ``runs``: ``{label: [metrics CSV paths or run
-    directories]}`` (e.g. one label per variant, one path per seed)."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from llmft.callbacks import probe_metric
-
-    column = probe_metric(probe)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for index, (label, sources) in enumerate(runs.items()):
-        curves = [_series(load_metrics(source), column) for source in sources]
-        curves = [c.set_index("step")[column] for c in curves if c is not None]
-        if not curves:
-            continue
-        frame = pd.concat(curves, axis=1)
-        ax.plot(frame.index, frame.mean(axis=1), "o-", color=f"C{index}", label=f"{label} (n={len(curves)})")
-        ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=f"C{index}", alpha=0.2)
-    ax.set(xlabel="step", ylabel=f"{probe} probe accuracy", ylim=(-0.02, 1.02), title=title)
-    ax.legend(fontsize="small")
     return save_figure(fig, path)

@@ -25,10 +25,21 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from llmft.templates import format_alpaca
-from llmft.trainers import checkpoints  # one rule for complete checkpoints
+from llmft.checkpoints import checkpoints  # one rule for complete checkpoints
 
 FIBONACCI_INSTRUCTION = "Continue the fibonnaci sequence."  # the CodeMMLU report's spelling, kept on purpose
 HEADLINE_INPUT = "1, 1, 2, 3, 5, 8"
+
+
+PROBE_PREFIX = "eval_probe/"
+
+
+def probe_metric(name: str) -> str:
+    """The evaluation metric a probe is reported as: ``eval_probe/<name>`` (``name``, ``probe/<name>`` or the full
+    key are accepted)."""
+    if name.startswith(PROBE_PREFIX):
+        return name
+    return PROBE_PREFIX + (name[len("probe/"):] if name.startswith("probe/") else name)
 
 
 def fibonacci(n: int) -> list[int]:
@@ -391,10 +402,10 @@ def run_probe(model, tokenizer, probe: Probe, *, max_new_tokens: int = 8, batch_
 def probe_models(model, tokenizer, probe: Probe, adapters: dict | None = None, *, include_base: bool = True,
                  cache_dir: str | os.PathLike = "outputs/probes", max_new_tokens: int = 8, batch_size: int = 32):
     """The probe on the base model (adapter disabled) and each named adapter directory, on one base in memory
-    (answers cached on disk, see :func:`llmft.evaluation.generate_by_model`)."""
+    (answers cached on disk, see :func:`llmft.generation.generate_by_model`)."""
     import pandas as pd
 
-    from llmft.evaluation import generate_by_model
+    from llmft.generation import generate_by_model
 
     answers = generate_by_model(model, tokenizer, probe.prompts, adapters, include_base=include_base,
                                 cache_dir=cache_dir, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -405,8 +416,6 @@ def probe_checkpoints(model, tokenizer, probe: Probe, run_dir: str | os.PathLike
                       cache_dir: str | os.PathLike | None = None, max_new_tokens: int = 8, batch_size: int = 32):
     """The probe across a run's checkpoints (step 0 = the base model): the data of a forgetting curve. Keep enough
     checkpoints for a curve (``save_total_limit=None`` or large in ``build_trainer``)."""
-    import pandas as pd
-
     found = checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"probe_checkpoints: no complete checkpoint-* with adapters in {run_dir}")
@@ -455,4 +464,29 @@ def plot_forgetting(table, metrics=None, metric: str | None = None, path: str | 
     ax.legend(loc="lower left")
     from llmft.plots import save_figure
 
+    return save_figure(fig, path)
+
+
+def plot_probe_curves(runs: dict, probe: str, path: str | os.PathLike | None = None, *,
+                      title: str = "Live probe during training"):
+    """A live probe (``eval_probe/<probe>`` in each run's metrics CSV) against the step: the mean over the runs of
+    each label with a band from its minimum to its maximum. ``runs``: ``{label: [metrics CSV paths or run
+    directories]}`` (e.g. one label per variant, one path per seed)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from llmft.plots import _series, load_metrics, save_figure
+
+    column = probe_metric(probe)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (label, sources) in enumerate(runs.items()):
+        curves = [_series(load_metrics(source), column) for source in sources]
+        curves = [c.set_index("step")[column] for c in curves if c is not None]
+        if not curves:
+            continue
+        frame = pd.concat(curves, axis=1)
+        ax.plot(frame.index, frame.mean(axis=1), "o-", color=f"C{index}", label=f"{label} (n={len(curves)})")
+        ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=f"C{index}", alpha=0.2)
+    ax.set(xlabel="step", ylabel=f"{probe} probe accuracy", ylim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize="small")
     return save_figure(fig, path)

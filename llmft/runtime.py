@@ -9,33 +9,38 @@ survive a recycled VM.
   once per process by ``load_model`` (by the main process only under torchrun); Kaggle's two T4s get a note that
   one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
-  ``outputs/`` elsewhere. :func:`download_dir`: where pinned downloads (checked by sha256) are kept between runs;
-  :func:`build_atomically`: a folder is built under a temporary name and renamed when complete.
-- More than one process (``torchrun --nproc_per_node=N`` or ``accelerate launch --multi_gpu``, data parallel):
-  :func:`is_main_process` says whether this process writes llmft's files and messages (only one does),
-  :func:`any_process` turns a per-process decision into one every process shares, :func:`process_rank` /
-  :func:`process_count` / :func:`launched_distributed` say where this process stands; :func:`torchrun_recipe` starts
-  a recipe on several GPUs from a notebook cell.
+  ``outputs/`` elsewhere; :func:`previous_adapters`: an earlier notebook's adapters from there or, on Kaggle, from its
+  saved output attached under ``/kaggle/input``, or a stop that says how to bring them. :func:`download_dir`: where
+  pinned downloads (checked by sha256) are kept between runs; :func:`build_atomically`: a folder is built under a
+  temporary name and renamed when complete.
+- The process and platform helpers notebooks use as ``llmft.runtime.*`` (:func:`is_main_process`,
+  :func:`any_process`, :func:`process_rank`, :func:`process_count`, :func:`launched_distributed`, :func:`on_colab`,
+  :func:`on_kaggle`, :func:`cpu_allowed`) live in :mod:`llmft.environment` and are re-exported here;
+  :func:`llmft.recipes.torchrun_recipe` starts a recipe on several GPUs from a notebook cell.
 """
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+
+from llmft.environment import (  # noqa: F401  (re-exported: notebooks and recipes use them as llmft.runtime.*)
+    ALLOW_CPU_ENV, _int_env, _truthy, any_process, cpu_allowed, cpu_opt_in, is_main_process, launched_distributed, on_colab, on_kaggle,
+    process_count, process_rank,
+)
 
 T4_HOWTO = (
     "Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then run the notebook again from "
     "the top (the runtime restarts). Kaggle: Settings > Accelerator > GPU T4 x2 (not P100), then run again from the "
     "top (in a pushed kernel: machine_shape NvidiaTeslaT4 in kernel-metadata.json).")
-ALLOW_CPU_ENV = "LLMFT_ALLOW_CPU"
 DRIVE_ENV = "LLMFT_DRIVE"
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/llmft"
 DOWNLOADS_ENV = "LLMFT_DOWNLOADS"
 KAGGLE_WORKING = "/kaggle/working"
+KAGGLE_INPUT = "/kaggle/input"
 
 _preflight_printed = False
 
@@ -44,106 +49,12 @@ class NoGPUError(RuntimeError):
     """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def on_colab() -> bool:
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
-
-
-def on_kaggle() -> bool:
-    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ
-
-
-def _int_env(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
-def _process_group():
-    """``torch.distributed`` when a process group is up (never imports torch: the Kaggle tooling runs without it)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist
-    return None
-
-
-def process_rank() -> int:
-    """This process's global rank: torch.distributed's once the process group is up (the trainer starts it), before
-    that the ``RANK`` every process of ``torchrun`` / ``accelerate launch`` gets, and 0 in a plain run."""
-    group = _process_group()
-    return group.get_rank() if group is not None else _int_env("RANK", 0)
-
-
-def process_count() -> int:
-    """How many processes train together (the world size): 1 in a plain run."""
-    group = _process_group()
-    return group.get_world_size() if group is not None else _int_env("WORLD_SIZE", 1)
-
-
-def launched_distributed() -> bool:
-    """True when a launcher (torchrun, accelerate launch) started this process as one of several (``WORLD_SIZE`` > 1);
-    each process then owns one GPU, ``cuda:LOCAL_RANK``."""
-    return _int_env("WORLD_SIZE", 1) > 1
-
-
-def is_main_process(args=None) -> bool:
-    """True in the process that writes llmft's files (metrics CSV, best checkpoints, configs, plots, adapters) and
-    prints its messages: with a trainer's ``args``, transformers' own answer (``args.should_save``: process 0 of the
-    world, or of each node with ``save_on_each_node``); without, global rank 0. Always True in a plain run."""
-    if args is not None:
-        return bool(args.should_save)
-    return process_rank() == 0
-
-
-def any_process(flag: bool) -> bool:
-    """``flag`` or-ed over every process (accelerate's ``gather_object``), so a stop decision is the same everywhere: a
-    process that stopped alone would leave the others waiting in the next gradient all-reduce. Every process must
-    call it at the same point; in a plain run it returns ``flag``."""
-    if process_count() <= 1:
-        return bool(flag)
-    from accelerate.utils import gather_object
-
-    return any(gather_object([bool(flag)]))
-
-
-def torchrun_recipe(recipe: str | os.PathLike, command: str = "train", *, processes: int = 2, smoke: bool = False,
-                    check: bool = True) -> int:
-    """Run a recipe file on ``processes`` GPUs from a notebook cell: ``python -m torch.distributed.run --standalone
-    --nproc_per_node=N -m llmft COMMAND RECIPE`` (that is, ``torchrun``), one process per GPU, its output printed as it
-    comes. Returns the exit status; ``check`` raises when it fails (a ``!torchrun`` line in a cell does not stop the
-    notebook when it fails).
-
-    In a Kaggle kernel where ``import llmft`` pinned GPU 0 (``CUDA_VISIBLE_DEVICES=0``), the child processes would
-    inherit the pin and share that one GPU: the pin is left out of their environment (a value you set yourself is
-    kept)."""
-    import subprocess
-
-    from llmft._unsloth import pinned_gpu
-
-    env = dict(os.environ)
-    if pinned_gpu() is not None and env.get("CUDA_VISIBLE_DEVICES") == pinned_gpu():
-        del env["CUDA_VISIBLE_DEVICES"]
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", "llmft", command, str(recipe), *(["--smoke"] if smoke else [])]
-    print("llmft: torchrun " + " ".join(args[3:]), flush=True)
-    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-        for line in child.stdout:  # a notebook shows a child's output only when the kernel prints it
-            print(line, end="", flush=True)
-    if check and child.returncode != 0:
-        raise RuntimeError(f"torchrun_recipe({str(recipe)!r}, {command!r}): the {processes} processes exited with "
-                           f"status {child.returncode}; the lines above say why (the first traceback is the cause)")
-    return child.returncode
-
-
-def cpu_allowed() -> bool:
-    """True in smoke mode (``LLMFT_SMOKE=1``) or with ``LLMFT_ALLOW_CPU=1``."""
-    from llmft.testing import smoke_mode
-
-    return smoke_mode() or _truthy(os.environ.get(ALLOW_CPU_ENV))
+def _cpu_reason() -> str:
+    """Why a run is on the CPU, as far as the environment says: the opt-in that is set, or that none is."""
+    return {"smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
+            "env": f"{ALLOW_CPU_ENV}=1 set: on the CPU on purpose"}.get(
+        cpu_opt_in(), f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or "
+                      "allow_cpu=True) load here")
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:
@@ -231,8 +142,13 @@ def preflight(dtype=None, *, force: bool = False) -> dict:
     if on_kaggle() and os.environ.get("CUDA_VISIBLE_DEVICES") == "0":
         info["notes"].append("Kaggle: training on GPU 0 only (CUDA_VISIBLE_DEVICES=0); a second T4 stays idle "
                              "(`torchrun --nproc_per_node=2 -m llmft train ...` uses both).")
-    where = (f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)" if info["gpu"]
-             else "CPU (no CUDA GPU; allowed by smoke mode or LLMFT_ALLOW_CPU)")
+    if info["gpu"]:
+        where = f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)"
+    else:
+        where = f"CPU (no CUDA GPU; {_cpu_reason()})"
+        if not cpu_allowed():
+            info["notes"].append(f"no GPU: load_model of a hub model stops here; to get a T4: {T4_HOWTO} To run on "
+                                 f"the CPU on purpose: {ALLOW_CPU_ENV}=1.")
     line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
             f"(CUDA {info['cuda'] or 'none'}) | Unsloth {info['unsloth']}")
     if (force or not _preflight_printed) and is_main_process():
@@ -271,6 +187,45 @@ def output_dir(name: str = "", *, drive: bool | None = None) -> str:
     path = os.path.join(root, name) if name else root
     Path(path).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def previous_adapters(name: str, *, made_by: str, drive: bool | None = None, missing_ok: bool = False,
+                      switch: str = "missing_ok=True") -> str | None:
+    """The adapters an earlier notebook saved, ``output_dir(name)/adapters``, for a notebook that continues from them
+    (02 from 01's, 03 from 01's and 02's). Each notebook runs in its own Colab or Kaggle session, so they are looked
+    for where the earlier one can leave them:
+
+    - :func:`output_dir` ``(name, drive=drive)``: the same machine or session; on Colab, Google Drive when mounted
+      (``drive=True`` mounts it), where the earlier notebook wrote them with ``DRIVE = True``;
+    - Kaggle: ``/kaggle/input/**/<name>/adapters``, the earlier notebook's saved output attached as an input.
+
+    Returns the folder (it holds ``adapter_config.json``). When there is none: with ``missing_ok`` None and a line
+    saying so (the caller starts from the base model), else :class:`FileNotFoundError` saying how to bring them
+    (``switch`` names the caller's setting that allows going on without them)."""
+    import glob
+
+    here = os.path.join(output_dir(name, drive=drive), "adapters")
+    looked = [here]
+    candidates = [here]
+    if on_kaggle():
+        pattern = os.path.join(KAGGLE_INPUT, "**", name, "adapters")
+        looked.append(pattern)
+        candidates += sorted(glob.glob(pattern, recursive=True))
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return folder
+    if missing_ok:
+        print(f"llmft: no adapters from {made_by} (looked in {', '.join(looked)}); going on without them ({switch}).")
+        return None
+    raise FileNotFoundError(
+        f"The adapters of {made_by} are not here (looked in {', '.join(looked)}). Each notebook runs in its own "
+        f"session, so bring them over:\n"
+        f"- Colab: run {made_by} with DRIVE = True (it saves to Google Drive, {DRIVE_ROOT}/{name}), then set DRIVE = "
+        f"True in this notebook's settings too: it mounts Drive and finds them there.\n"
+        f"- Kaggle: run {made_by} and Save Version; in this notebook, Add Input > Your Work > Notebooks > that "
+        f"notebook: its output appears under {KAGGLE_INPUT}/<its name>/ and {name}/adapters is found there.\n"
+        f"- Elsewhere: run {made_by} in this working directory first (it writes {here}).\n"
+        f"Or go on without them: {switch} in this notebook's settings.")
 
 
 def download_dir() -> Path:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmft.environment import smoke_mode  # noqa: F401  (notebooks call llmft.testing.smoke_mode)
 from llmft.log import say
 from llmft.runtime import build_atomically as _build_atomically
 from llmft.templates import format_alpaca
@@ -48,11 +49,6 @@ CHATML_TEMPLATE = (
 
 TINY_ARCHITECTURES = ("llama", "qwen2")
 _ASSET_VERSION = 2  # bump when a builder changes, so stale caches are not reused
-
-
-def smoke_mode() -> bool:
-    """True when ``LLMFT_SMOKE=1``: notebooks swap hub ids for tiny local assets and shrink step counts."""
-    return os.environ.get("LLMFT_SMOKE", "").strip().lower() in {"1", "true", "yes"}
 
 
 def cache_dir() -> Path:
@@ -466,7 +462,8 @@ def pretrained_base(steps: int = 600, seed: int = 0, verbose: bool = True) -> Pa
     :func:`pretraining_texts`. The default (600 steps, seed 0) ships with the package (:data:`SHIPPED_BASE`, 3 MB;
     its ``pretraining.json`` records :func:`base_recipe_digest`); other settings are built once and cached like the
     other test assets (about two minutes on 2 CPU cores for 600 steps)."""
-    import llmft
+    from llmft.models import load_model
+    from llmft.trainers import build_trainer
     from datasets import Dataset
 
     if (steps, seed) == (600, 0) and (SHIPPED_BASE / "model.safetensors").exists():
@@ -475,12 +472,12 @@ def pretrained_base(steps: int = 600, seed: int = 0, verbose: bool = True) -> Pa
     def build(tmp: Path) -> None:
         start = time.time()
         spec = _BASE_SPEC
-        model, tokenizer = llmft.load_model(str(tiny_model_dir("llama", hidden_size=spec["hidden"],
-                                                               num_layers=spec["layers"])),
-                                            max_seq_length=spec["max_seq_length"], lora_r=None, load_in_4bit=False,
-                                            full_finetuning=True, seed=seed)
+        model, tokenizer = load_model(str(tiny_model_dir("llama", hidden_size=spec["hidden"],
+                                                         num_layers=spec["layers"])),
+                                      max_seq_length=spec["max_seq_length"], lora_r=None, load_in_4bit=False,
+                                      full_finetuning=True, seed=seed)
         texts = Dataset.from_dict({"text": pretraining_texts(tokenizer.eos_token, seed)})
-        trainer = llmft.build_trainer(
+        trainer = build_trainer(
             model, tokenizer, texts, output_dir=str(tmp / "_run"), max_steps=steps,
             per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
             warmup_steps=spec["warmup"], lr_scheduler_type=spec["schedule"], weight_decay=0.0,

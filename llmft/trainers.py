@@ -12,35 +12,39 @@ transformers documents for it) and keep the data reports; :class:`DistillSFTTrai
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import inspect
-import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 from llmft._unsloth import import_unsloth
 
 import_unsloth()  # the SFTTrainer subclassed below must be the one Unsloth patched
 
+from transformers import TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from llmft import callbacks as cb  # noqa: E402
+from llmft.checkpoints import checkpoint_problem, checkpoints, latest_checkpoint  # noqa: E402,F401  (also llmft.trainers.*)
 from llmft.configs import (  # noqa: E402
     DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
 )
-from llmft.data import DataError, count_overlong  # noqa: E402
+from llmft.data import PREFERENCE_COLUMNS, DataError, check_preference_rows, count_overlong  # noqa: E402
 from llmft.log import say  # noqa: E402
-from llmft.masking import mask_responses  # noqa: E402
+from llmft.masking import completion_report, mask_responses  # noqa: E402
 from llmft.models import pick_dtype  # noqa: E402
+from llmft.environment import is_main_process  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
 __all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
            "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
 
-SUPPORTED_COLUMNS = ("messages", "text")
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+PROMPT_COMPLETION = "prompt/completion"
 
 
 def precision_flags() -> dict:
@@ -60,15 +64,26 @@ def default_optim() -> str:
 
 
 def _check_dataset(dataset, argument: str) -> str:
+    """The kind of SFT data, as TRL reads it: "prompt/completion" (TRL takes ``prompt`` first), "messages" or
+    "text"; a :class:`DataError` for an empty dataset or columns TRL would misread."""
     columns = dataset.column_names
+    if len(dataset) == 0:
+        raise DataError(f"{argument}: empty (0 rows); give at least one row (check the split, filters and `rows`)")
     if "conversations" in columns and "messages" not in columns:
         raise DataError(f"{argument}: has ShareGPT 'conversations' (from/value turns); convert it first with "
                         "llmft.data.sharegpt_to_messages(dataset)")
-    for column in SUPPORTED_COLUMNS:
+    if "prompt" in columns:
+        if "completion" in columns:
+            return PROMPT_COMPLETION
+        raise DataError(f"{argument}: has 'prompt' but no 'completion' (columns {columns}); TRL reads a 'prompt' "
+                        "column as prompt/completion data. Add the 'completion' column, or drop 'prompt' "
+                        "(dataset.remove_columns('prompt')) to train on "
+                        + ("'text'" if "text" in columns else "'messages'" if "messages" in columns else "the text"))
+    for column in ("messages", "text"):
         if column in columns:
             return column
-    raise DataError(f"{argument}: expected a 'messages' (chat) or 'text' column, got {columns}. "
-                    "Use llmft.data.sharegpt_to_messages or alpaca_to_text to prepare it.")
+    raise DataError(f"{argument}: expected a 'messages' (chat), 'text' or 'prompt' + 'completion' column, got "
+                    f"{columns}. Use llmft.data.sharegpt_to_messages, alpaca_to_text or mcq_rows to prepare it.")
 
 
 def _planned_steps(n_rows: int, batch: int, accumulation: int, epochs: float, max_steps: int) -> int:
@@ -163,7 +178,45 @@ class LlmftSFTTrainer(TrainerMixin, SFTTrainer):
 
 
 class LlmftDPOTrainer(TrainerMixin, DPOTrainer):
-    """TRL's ``DPOTrainer`` with :class:`TrainerMixin`: what :func:`build_dpo_trainer` returns."""
+    """TRL's ``DPOTrainer`` with :class:`TrainerMixin`: what :func:`build_dpo_trainer` returns.
+
+    Built again on a model that already holds TRL's frozen ``ref`` adapter (a notebook cell re-run), it keeps that
+    reference: TRL would refuse to add it twice, and a fresh copy of a policy trained since would be the wrong
+    reference."""
+
+    def __init__(self, *args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        with _keeping_reference(model):
+            super().__init__(*args, **kwargs)
+
+
+REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer gives its frozen copy of the policy's adapter
+
+
+@contextlib.contextmanager
+def _keeping_reference(model):
+    """Around a DPOTrainer's construction: if ``model`` already has TRL's ``ref`` adapter, set its weights aside,
+    let TRL add the adapter anew (PEFT refuses a second adapter of one name), and put the weights back."""
+    if REFERENCE_ADAPTER not in (getattr(model, "peft_config", None) or {}):
+        yield
+        return
+    marker = f".{REFERENCE_ADAPTER}."
+    kept = {name: p.detach().clone() for name, p in model.named_parameters() if marker in name}
+    say(f"LlmftDPOTrainer: the model already holds the '{REFERENCE_ADAPTER}' adapter of an earlier DPO trainer (a "
+        "re-run cell?); keeping it as the reference policy")
+    config = model.peft_config[REFERENCE_ADAPTER]
+    model.delete_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        import torch
+
+        if REFERENCE_ADAPTER not in model.peft_config:  # the trainer failed before adding it: the model keeps it
+            model.add_adapter(REFERENCE_ADAPTER, config)
+        restored = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in kept.items():
+                restored[name].copy_(value)
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config: SFTOptions | dict | None = None,
@@ -171,7 +224,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     """Return a TRL ``SFTTrainer`` (an :class:`LlmftSFTTrainer`) for ``model`` (from :func:`llmft.load_model`) on
     ``train_dataset``.
 
-    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`) or a ``text`` column.
+    Datasets: a ``messages`` column (chat; see :func:`llmft.data.sharegpt_to_messages`), a ``text`` column, or
+    ``prompt`` and ``completion`` columns (e.g. :func:`llmft.data.mcq_rows`; TRL tokenizes the prompt alone and the loss
+    covers the completion). An empty dataset is refused before the model is touched.
 
     Every keyword is a field of :class:`llmft.configs.SFTOptions` (its default and help are there; ``config=`` takes
     a whole ``SFTOptions`` and keywords override it) or any other ``trl.SFTConfig`` field (e.g. ``packing=True``);
@@ -222,15 +277,26 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
                         f"got {eval_dataset.column_names}")
     responses_only = o.responses_only
     if responses_only is None:
-        responses_only = kind == "messages" or o.response_part is not None
+        responses_only = kind in ("messages", PROMPT_COMPLETION) or o.response_part is not None
     if responses_only and kind == "text" and o.response_part is None:
         raise ValueError("build_trainer(responses_only=True) on 'text' data needs instruction_part and response_part "
                          "(for the Alpaca prompt: '### Instruction:\\n' and '### Response:\\n')")
+    if kind == PROMPT_COMPLETION and o.response_part is not None:
+        raise ValueError("build_trainer: prompt/completion rows need no instruction_part/response_part: the "
+                         "completion is the response (the loss is on it alone unless responses_only=False)")
     max_seq_length = o.max_seq_length or getattr(model, "max_seq_length", None) or 2048
 
     eval_dataset, reports = _prepare("build_trainer", tokenizer, train_dataset, eval_dataset, max_length=max_seq_length,
                                      eval_max_samples=o.eval_max_samples, seed=o.seed, verbose=verbose)
-    if responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
+    if kind == PROMPT_COMPLETION:  # TRL tokenizes the prompt alone and masks it (completion_only_loss)
+        trl_options = {"completion_only_loss": responses_only, **trl_options}
+        if responses_only:
+            reports["train_masking"] = completion_report(train_dataset, tokenizer, max_length=max_seq_length,
+                                                         name="train_dataset")
+            if eval_dataset is not None:
+                reports["eval_masking"] = completion_report(eval_dataset, tokenizer, max_length=max_seq_length,
+                                                            name="eval_dataset")
+    elif responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
         parts = dict(instruction_part=o.instruction_part, response_part=o.response_part, max_length=max_seq_length)
         train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset",
                                                                  **parts)
@@ -381,14 +447,30 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     ``max_seq_length``. ``metric`` may be any DPO eval metric, e.g. ``"eval_rewards/accuracies"`` or
     ``"eval_rewards/margins"`` (higher is better, inferred from the name). Live probes and the retention guard
     (``probes``, ``retain``, ``retain_patience``) work as in :func:`build_trainer`.
+
+    Pairs are conversational (message lists, chat template applied by TRL) or plain text (strings, trained as they are,
+    without the chat template). Before the model is touched, an empty dataset, rows mixing the two forms and pairs
+    carrying no preference (empty answer, chosen == rejected: the check of :func:`llmft.data.preference_pairs`) are
+    refused by row. Built again on the same model (a re-run cell), the trainer keeps the frozen ``ref`` adapter of the
+    first build as the reference (see :class:`LlmftDPOTrainer`).
     """
     o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
+    forms = []
     for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-        if dataset is not None and not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
+        if dataset is None:
+            continue
+        if not set(PREFERENCE_COLUMNS) <= set(dataset.column_names):
             hint = (" Convert Intel/orca_dpo_pairs rows with llmft.data.orca_to_dpo." if "question" in
                     dataset.column_names else " Use llmft.data.preference_pairs to check and convert them.")
             raise DataError(f"{argument}: DPO needs prompt, chosen and rejected columns, got {dataset.column_names}."
                             + hint)
+        forms.append(check_preference_rows(dataset, argument))
+    if len(set(forms)) > 1:
+        raise DataError(f"train_dataset is {forms[0]} and eval_dataset {forms[1]}; give both in one form "
+                        "(llmft.data.preference_pairs converts string rows to chat turns)")
+    if forms[0] == "text":
+        say("build_dpo_trainer: plain-text pairs: prompt + answer are trained as they are, without the chat template "
+            "(llmft.data.preference_pairs makes them chat turns)", verbose)
     if not hasattr(model, "peft_config"):
         raise ValueError("build_dpo_trainer: the model has no LoRA adapter; load it with llmft.load_model (lora_r "
                          "set, the default) so the reference is an adapter copy instead of a second model")
@@ -407,6 +489,47 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
 
 
 _keyword_signature(build_dpo_trainer, DPOOptions, "dpo_config")
+
+
+class RunningTotals(TrainerCallback):
+    """Resume the running totals that transformers and TRL keep only in memory, from the resumed checkpoint's
+    ``trainer_state.json`` (its ``log_history``, which transformers saves and restores):
+
+    - the loss sum behind ``train_loss`` (``TrainOutput.training_loss`` and the end-of-run log): transformers restarts
+      it at 0 in every ``train()`` call and divides by all steps, so a run resumed at half-way reported about half its
+      loss; it is the sum over the logged losses, each a mean over the steps since the log before it;
+    - TRL's token count (``num_tokens`` in the train logs, ``eval_num_tokens`` in the evaluations), which restarted
+      at 0: its last logged value.
+
+    Both are exact when a log falls on the checkpoint's step, so a log is requested at every save (with
+    ``logging_steps=1``, llmft's default, there is one anyway). Under DDP the logged values are gathered, the same in
+    every process. ``trainer``: the trainer this callback is added to (:func:`attach_training_control` does)."""
+
+    def __init__(self, trainer):
+        self._trainer = weakref.ref(trainer)  # the trainer holds its callbacks: no cycle
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is None or not state.global_step:
+            return
+        loss_sum, previous, tokens = 0.0, 0, None
+        for entry in state.log_history:  # the checkpoint's, in order; restored with the trainer state
+            step = int(entry.get("step", 0))
+            if "loss" in entry and step <= state.global_step:
+                loss_sum += float(entry["loss"]) * (step - previous)
+                previous = step
+                tokens = entry.get("num_tokens", tokens)
+        # transformers zeroes these just before on_train_begin (Trainer._inner_training_loop): add what came before
+        if hasattr(trainer, "_total_loss_scalar"):
+            trainer._total_loss_scalar += loss_sum
+        if tokens is not None and hasattr(trainer, "_total_train_tokens"):
+            trainer._total_train_tokens = type(trainer._total_train_tokens)(tokens)
 
 
 def attach_training_control(trainer, config: TrainingControlConfig | None = None, **options):
@@ -445,6 +568,7 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
         trainer.add_callback(cb.RetentionGuard(c.retain, c.retain_patience))
     trainer.add_callback(cb.NonFiniteLossGuard())
     trainer.add_callback(cb.KeepAdapterDtype(trainer.model))
+    trainer.add_callback(RunningTotals(trainer))
     trainer.args.restore_callback_states_from_checkpoint = True
     return trainer
 
@@ -469,24 +593,6 @@ def _probe_callback(trainer, probes, retain, evaluates):
             raise ValueError(f"retain: no probe named {name!r} among probes {names}"
                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     return prober
-
-
-def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, float, str]]:
-    """``(step, epoch, path)`` of every complete ``checkpoint-N`` in a run's ``output_dir`` (one whose
-    trainer_state.json was written: transformers writes it last), in step order."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        state = path / "trainer_state.json"
-        if path.name.split("-")[-1].isdigit() and state.exists():
-            info = json.loads(state.read_text())
-            found.append((int(info["global_step"]), float(info.get("epoch") or 0.0), str(path)))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (see :func:`checkpoints`), or None."""
-    found = checkpoints(output_dir)
-    return found[-1][2] if found else None
 
 
 _indexed_cpu_registered = False
@@ -527,6 +633,65 @@ def _load_root_adapter(trainer, checkpoint: str) -> None:
         model.load_adapter(str(root), "default", is_trainable=True)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip writer reports a failed write (a full disk among them) without the errno: "[enforce fail at
+# inline_container.cc:672] . unexpected pos 704 vs 598", "basic_ios::clear: iostream error" (both seen on a full tmpfs).
+TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "iostream error")
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _checkpoint_bytes(trainer, output_dir: Path) -> int:
+    """About what one checkpoint takes: the newest complete one's size, else the trainable weights in their dtype
+    plus AdamW's two float32 moments per weight."""
+    newest = latest_checkpoint(output_dir, verbose=False)
+    if newest:
+        return _folder_bytes(Path(newest))
+    return sum(p.numel() * (p.element_size() + 8) for p in trainer.model.parameters() if p.requires_grad)
+
+
+def _no_space_error(trainer, exc: BaseException) -> OSError | None:
+    """When ``exc`` comes from a full disk (an ENOSPC/EDQUOT anywhere in its chain, safetensors' "No space left on
+    device (os error 28)", or torch's failed zip write with less free space than a checkpoint takes), the error to
+    raise instead: where, how much is free, how much a checkpoint needs, what to do. A checkpoint left incomplete by
+    the failure is removed (it cannot be resumed from and holds the space the next save needs)."""
+    import shutil
+
+    out = Path(trainer.args.output_dir)
+    texts = [str(e) for e in _causes(exc)]
+    full = any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in _causes(exc)) or any(
+        "No space left on device" in t or "os error 28" in t or "Disk quota exceeded" in t for t in texts)
+    torch_write = any(marker in t for t in texts for marker in TORCH_WRITE_FAILED)
+    if not (full or torch_write) or not out.is_dir():
+        return None
+    need = _checkpoint_bytes(trainer, out)
+    if not full and shutil.disk_usage(out).free >= need:
+        return None  # a failed write with room to spare: not a full disk, leave the error as it is
+    step = trainer.state.global_step
+    partial, removed = out / f"checkpoint-{step}", ""
+    if partial.is_dir() and checkpoint_problem(partial) and is_main_process(trainer.args):
+        shutil.rmtree(partial, ignore_errors=True)
+        removed = f"; the incomplete {partial.name} it was writing was removed"
+    free = shutil.disk_usage(out).free
+    newest = latest_checkpoint(out, verbose=False)
+    then = f"resumes from {Path(newest).name}" if newest else "starts from the beginning (no complete checkpoint)"
+    return OSError(errno.ENOSPC, f"no space left on {out}: {free / 1e6:.1f} MB free, a checkpoint needs about "
+                                 f"{need / 1e6:.1f} MB. Training stopped at step {step}{removed}; metrics.csv and the "
+                                 "complete checkpoints are intact. Free some space (older runs' folders, a lower "
+                                 "save_total_limit) or give an output_dir on a larger disk, then run llmft.train again: "
+                                 f"in the same output_dir it {then}.")
+
+
 def train(trainer, resume: bool | str | None = "auto"):
     """Train, resuming after a disconnect: ``resume="auto"`` continues from the newest complete checkpoint in the
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
@@ -541,11 +706,24 @@ def train(trainer, resume: bool | str | None = "auto"):
                                     "use resume='auto' to start fresh when there is none")
     elif isinstance(resume, (str, os.PathLike)):
         checkpoint = str(resume)
-        if not (Path(checkpoint) / "trainer_state.json").exists():
-            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint (no trainer_state.json)")
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): no such checkpoint folder")
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            newest = latest_checkpoint(Path(checkpoint).parent, verbose=False)
+            hint = (f"resume from {newest} (the newest complete one)" if newest and newest != checkpoint
+                    else "start fresh with resume=False")
+            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint: {problem}; {hint}, "
+                                    "or resume='auto' to take the newest complete one")
     if checkpoint:
         say(f"llmft.train: resuming from {checkpoint}")
         _load_root_adapter(trainer, checkpoint)
         if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
             _allow_indexed_cpu_map_location()
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        no_space = _no_space_error(trainer, exc)
+        if no_space is None:
+            raise
+        raise no_space from exc

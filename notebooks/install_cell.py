@@ -43,3 +43,7 @@ if importlib.util.find_spec("llmft") is None:
     if importlib.util.find_spec("llmft") is None:
         raise RuntimeError("llmft install stopped: the steps succeeded but this kernel cannot find llmft; restart "
                            "the kernel and run the notebook again.")
+else:  # install.sh installs llmft last, after its preflight passed: an llmft here is a complete install
+    print(f"[llmft install] llmft is already installed ({os.path.dirname(importlib.util.find_spec('llmft').origin)}): "
+          "nothing to do. To install again (another LLMFT_REPO, a newer commit): %pip uninstall -y llmft, then re-run "
+          "this cell.")

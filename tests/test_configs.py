@@ -106,3 +106,57 @@ def test_offline_switch_reaches_libraries_that_were_already_imported(tmp_path):
                          timeout=600)
     line = next(line for line in out.stdout.splitlines() if line.startswith("OFFLINE"))
     assert line == "OFFLINE False True True", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cls", [SFTOptions, DPOOptions])
+@pytest.mark.parametrize("option, value, message", [
+    ("learning_rate", "abc", r"learning_rate='abc': not a number"),
+    ("learning_rate", 0, r"learning_rate=0: must be > 0"),
+    ("learning_rate", -1e-4, r"learning_rate=-0.0001: must be > 0"),
+    ("learning_rate", True, r"learning_rate=True: expected a number"),
+    ("learning_rate", "nan", r"learning_rate='nan': expected a finite number"),
+    ("max_steps", -5, r"max_steps=-5: .*or -1 to train for num_train_epochs"),
+    ("max_steps", 0, r"max_steps=0: .*or -1 to train for num_train_epochs"),
+    ("max_steps", 2.5, r"max_steps=2.5: expected a whole number"),
+    ("num_train_epochs", 0, r"num_train_epochs=0: with max_steps=-1 the run lasts num_train_epochs"),
+    ("per_device_train_batch_size", 0, r"per_device_train_batch_size=0: must be at least 1"),
+    ("gradient_accumulation_steps", 0, r"gradient_accumulation_steps=0: must be at least 1"),
+    ("eval_steps", 0, r"eval_steps=0: must be at least 1, or None"),
+    ("warmup_steps", -1, r"warmup_steps=-1: must be >= 0"),
+])
+def test_bad_values_are_refused_naming_the_option(cls, option, value, message):
+    with pytest.raises(configs.ConfigError, match=message) as caught:
+        cls(**{option: value})
+    assert caught.value.option == option and isinstance(caught.value, ValueError)
+
+
+def test_numbers_written_as_strings_are_numbers():
+    # PyYAML reads 2e-4 as the string "2e-4" (YAML 1.1 wants a dot): the option takes it as the number it is
+    options = SFTOptions(learning_rate="2e-4", max_steps="10", num_train_epochs="0.2", weight_decay_ramp=["0", "0.1"])
+    assert options.learning_rate == 2e-4 and options.max_steps == 10 and options.num_train_epochs == 0.2
+    assert options.weight_decay_ramp == (0.0, 0.1) and DistillConfig(weight="0.5").weight == 0.5
+    assert SFTOptions(max_steps=5, num_train_epochs=0).max_steps == 5  # epochs only count with max_steps=-1
+    assert SFTOptions(max_steps=-1).max_steps == -1 and DPOOptions(beta="0.2").beta == 0.2
+    import trl
+
+    # TRL's own numbers passed through too
+    _, passthrough = configs.options_from(SFTOptions, "build_trainer", trl.SFTConfig, {"adam_epsilon": "1e-8"})
+    assert passthrough == {"adam_epsilon": 1e-8}
+    with pytest.raises(configs.ConfigError, match=r"adam_beta2='x': not a number"):
+        configs.options_from(SFTOptions, "build_trainer", trl.SFTConfig, {"adam_beta2": "x"})
+
+
+@pytest.mark.parametrize("beta", [0, -0.1, "0"])
+def test_dpo_beta_must_be_positive(beta):
+    with pytest.raises(configs.ConfigError, match=r"beta=.*DPO's beta must be > 0"):
+        DPOOptions(beta=beta)
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("a file")
+    with pytest.raises(configs.ConfigError, match=r"output_dir='.*notes.txt': is a file"):
+        SFTOptions(output_dir=str(path))
+    with pytest.raises(configs.ConfigError, match="is a file"):
+        llmft.build_trainer(None, None, None, output_dir=str(path))  # before the model or data is touched
+    assert SFTOptions(output_dir=str(tmp_path)).output_dir == str(tmp_path)

@@ -18,7 +18,7 @@ import pytest
 import torch.distributed
 import yaml
 
-from llmft import callbacks, runtime
+from llmft import callbacks, recipes, runtime
 
 from conftest import BF16, REPO, same_after_resume
 
@@ -134,7 +134,7 @@ def sft_reference(tmp_path_factory):
     recipe, out = _recipe(tmp, "sft", "train")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
-        assert runtime.torchrun_recipe(recipe, "train", smoke=True) == 0
+        assert recipes.torchrun_recipe(recipe, "train", smoke=True) == 0
     return out
 
 
@@ -358,11 +358,136 @@ def test_torchrun_recipe_gives_each_process_every_gpu_unless_the_user_chose(monk
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setattr(_unsloth, "_pinned", "0")  # llmft's Kaggle pin set it
-    assert runtime.torchrun_recipe("r.yaml", "dpo", smoke=True) == 0
+    assert recipes.torchrun_recipe("r.yaml", "dpo", smoke=True) == 0
     monkeypatch.setattr(_unsloth, "_pinned", None)  # the user set it
     with pytest.raises(RuntimeError, match=r"exited with status 1; the lines above say why"):
-        runtime.torchrun_recipe("r.yaml")
+        recipes.torchrun_recipe("r.yaml")
     assert seen[0][0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmft",
                               "dpo", "r.yaml", "--smoke"]
     assert [cvd for _, cvd in seen] == [None, "0"]
     assert "line 1\nline 2\n" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A launcher that dies takes its workers with it
+# --------------------------------------------------------------------------------------------------------------------
+JOB_MARK = "LLMFT_TEST_JOB"
+
+
+def _job_processes(mark):
+    """{pid: (is a worker, state)} of the live processes whose environment holds ``JOB_MARK=mark`` (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"{JOB_MARK}={mark}".encode() in environ and state not in ("Z", "X"):
+            found[int(entry.name)] = any(v.startswith(b"TORCHELASTIC_RUN_ID=") for v in environ)
+    return found
+
+
+def _wait_for_training(out, process, timeout=600):
+    """Wait until metrics.csv has two train rows (both workers are in the training loop)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "metrics.csv").exists() and len(_rows(out)) >= 2:
+            return
+        assert process.poll() is None, "the job ended before training"
+        time.sleep(1)
+    raise AssertionError(f"no training after {timeout} s")
+
+
+def _gone_within(mark, pids, timeout=60):
+    """Seconds until none of ``pids`` is alive, or None after ``timeout``."""
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not set(_job_processes(mark)) & set(pids):
+            return time.monotonic() - start
+        time.sleep(0.2)
+    return None
+
+
+def _kill_job(mark):
+    for pid in _job_processes(mark):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+LONG = {"max_steps": 100000, "eval_steps": 100000, "early_stopping_patience": None}
+PARENT = "import sys, llmft; llmft.torchrun_recipe(sys.argv[1], 'train', smoke=True)"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the job's processes through /proc")
+def test_workers_die_with_a_killed_torchrun(tmp_path):
+    """B5 / GUIDE: a SIGKILL of torchrun's process group left both workers training to the end (each runs in a
+    session of its own). ``import llmft`` in a worker now asks Linux to SIGKILL it when its launcher dies. Output goes
+    to a file, so nothing dies of a broken pipe instead."""
+    import uuid
+
+    recipe, out = _recipe(tmp_path, "long", "train", **LONG)
+    mark = uuid.uuid4().hex
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmft",
+               "train", str(recipe), "--smoke"]
+    with open(tmp_path / "job.log", "w") as log:
+        launcher = subprocess.Popen(command, cwd=tmp_path, env={**_env(), JOB_MARK: mark}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_training(out, launcher)
+        workers = [pid for pid, worker in _job_processes(mark).items() if worker]
+        assert len(workers) == 2
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(30)
+        seconds = _gone_within(mark, workers)
+        assert seconds is not None, f"workers {workers} still training 60 s after torchrun was killed"
+        print(f"workers gone {seconds:.1f} s after torchrun's process group was killed")
+    finally:
+        _kill_job(mark)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the job's processes through /proc")
+@pytest.mark.parametrize("how", ["kernel restart", "kernel killed", "interrupt"])
+def test_torchrun_recipe_goes_down_with_its_cell(tmp_path, how):
+    """B5: ``llmft.torchrun_recipe`` from a notebook kernel (here a python process in a session of its own, as
+    Jupyter starts kernels): a kernel restart SIGKILLs the kernel's process group, a crash or kill ends the kernel
+    alone, an interrupt raises KeyboardInterrupt in the cell. In each case torchrun and both workers end. (Before,
+    they ended too, 7-9 s later and by accident: the first worker died printing into the dead kernel's pipe, the second
+    lost its peer; over NCCL a lost peer can hang until the collective times out. The test above, with the output in a
+    file, shows the workers outliving a killed torchrun.)"""
+    import uuid
+
+    recipe, out = _recipe(tmp_path, "long", "train", **LONG)
+    mark = uuid.uuid4().hex
+    with open(tmp_path / "kernel.log", "w") as log:
+        kernel = subprocess.Popen([sys.executable, "-c", PARENT, str(recipe)], cwd=tmp_path,
+                                  env={**_env(), JOB_MARK: mark}, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_for_training(out, kernel)
+        job = _job_processes(mark)
+        assert len(job) == 4 and sum(job.values()) == 2  # kernel, torchrun, two workers
+        if how == "kernel restart":
+            os.killpg(kernel.pid, signal.SIGKILL)
+        elif how == "kernel killed":
+            os.kill(kernel.pid, signal.SIGKILL)
+        else:
+            os.kill(kernel.pid, signal.SIGINT)
+        seconds = _gone_within(mark, [pid for pid in job if pid != kernel.pid])
+        assert seconds is not None, f"{how}: still running 60 s later: {_job_processes(mark)}"
+        print(f"{how}: torchrun and its workers gone in {seconds:.1f} s")
+        kernel.wait(60)
+        if how == "interrupt":
+            assert "KeyboardInterrupt" in (tmp_path / "kernel.log").read_text()
+    finally:
+        _kill_job(mark)

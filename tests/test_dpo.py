@@ -213,3 +213,53 @@ def test_dpo_run_logs_rewards_early_stops_and_keeps_the_best(lora_model, pairs, 
     assert [ax.get_title() for ax in fig.axes] == ["DPO: loss", "DPO: reward accuracy", "DPO: reward margin",
                                                    "DPO: rewards"]
     assert len(fig.axes[3].get_lines()) == 4
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "q?", "chosen": "yes", "rejected": "no"}, {"prompt": "q2?", "chosen": "same", "rejected": " same "}],
+     r"train_dataset: 1 pairs carry no preference \(chosen == rejected: rows 1\)"),
+    ([{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+       "rejected": [{"role": "assistant", "content": ""}]}],
+     r"\(empty rejected: rows 0\).*preference_pairs\(dataset, strict=False\)"),
+    ([], r"train_dataset: empty \(0 rows\)"),
+    ([{"prompt": "q?", "chosen": [{"role": "assistant", "content": "a"}],
+       "rejected": [{"role": "assistant", "content": "b"}]}], r"row 0: prompt, chosen and rejected must be all strings"),
+])
+def test_pairs_without_a_preference_are_refused_by_the_builder(rows, message):
+    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(data.DataError, match=message):
+        llmft.build_dpo_trainer(None, None, dataset)  # before the model is touched
+    if rows and "no preference" in message:  # the one check preference_pairs makes too
+        with pytest.raises(data.DataError, match="carries no preference"):
+            data.preference_pairs(dataset, verbose=False)
+
+
+def test_plain_string_pairs_train_as_text(lora_model, tmp_path):
+    model, tokenizer = lora_model
+    pairs = Dataset.from_list([{"prompt": "Question: what is 2 + 2?\nAnswer:", "chosen": " 4", "rejected": " 5"},
+                               {"prompt": "Question: what is 3 + 3?\nAnswer:", "chosen": " 6", "rejected": " 9"}] * 2)
+    trainer = llmft.build_dpo_trainer(model, tokenizer, pairs, max_steps=2, per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=1, output_dir=str(tmp_path), verbose=False)
+    row = trainer.train_dataset[0]
+    assert tokenizer.decode(row["prompt_ids"]).endswith("Question: what is 2 + 2?\nAnswer:")  # no chat template
+    assert tokenizer.decode(row["chosen_ids"]).startswith(" 4")
+    assert trainer.train().global_step == 2
+
+
+def test_building_twice_on_one_model_keeps_the_reference(lora_model, pairs, tmp_path):
+    """A notebook cell re-run: the second trainer finds TRL's 'ref' adapter and keeps it as the reference (the
+    policy trained since is not the reference)."""
+    model, tokenizer = lora_model
+    options = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-2,
+                   verbose=False)
+    first = llmft.build_dpo_trainer(model, tokenizer, pairs, output_dir=str(tmp_path / "a"), **options)
+    reference = _lora(model, "ref")
+    first.train()
+    assert any(not torch.equal(v, reference[n.replace(".default.", ".ref.")])
+               for n, v in _lora(model, "default").items())  # the policy moved
+    second = llmft.build_dpo_trainer(model, tokenizer, pairs, output_dir=str(tmp_path / "b"), **options)
+    assert set(model.peft_config) == {"default", "ref"}
+    kept = _lora(model, "ref")
+    assert kept.keys() == reference.keys() and all(torch.equal(kept[n], reference[n]) for n in reference)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    assert second.train().global_step == 2

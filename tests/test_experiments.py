@@ -2,7 +2,7 @@
 from pathlib import Path
 
 import llmft
-from llmft import experiments, probes, templates, testing
+from llmft import experiments, probes, testing
 
 
 def test_runs_each_variant_from_the_same_base(tiny_dir, tmp_path):
@@ -18,12 +18,11 @@ def test_runs_each_variant_from_the_same_base(tiny_dir, tmp_path):
 
     result = experiments.run_experiment(
         tiny_dir, {"2 steps": dict(max_steps=2), "4 steps + KD": dict(max_steps=4, distill={"weight": 0.3})},
-        train.select_columns(["text"]), val.select_columns(["text"]), output_dir=str(tmp_path),
+        train, val, output_dir=str(tmp_path),
         load_options=dict(max_seq_length=256, lora_r=8), probes={"fib": probe},
         scorers={"mcq": experiments.mcq_accuracy(val)}, on_run=on_run, progress=False, verbose=False,
         trainer_options=dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3,
-                             instruction_part=templates.MCQ_INSTRUCTION_PART,
-                             response_part=templates.MCQ_RESPONSE_PART, early_stopping_patience=None))
+                             early_stopping_patience=None))
     table = result.table
     assert list(table["run"]) == ["base", "2 steps", "4 steps + KD"] and list(table["steps"]) == [0, 2, 4]
     assert seen == [("2 steps", 2, True), ("4 steps + KD", 4, True)]
@@ -45,12 +44,11 @@ def test_seeds_repeat_every_variant_and_summarize_gives_mean_and_spread(tiny_dir
     rows = llmft.mcq_rows(testing.tiny_codemmlu(16), eos_token=tokenizer.eos_token, verbose=False)
     capsys.readouterr()
     result = experiments.run_experiment(
-        tiny_dir, {"2 steps": dict(max_steps=2)}, rows.select_columns(["text"]), output_dir=str(tmp_path),
+        tiny_dir, {"2 steps": dict(max_steps=2)}, rows, output_dir=str(tmp_path),
         load_options=dict(max_seq_length=256, lora_r=8), scorers={"mcq": experiments.mcq_accuracy(rows)},
         seeds=[1, 2], progress=False, verbose=False, save_adapters=False,
         trainer_options=dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-2,
-                             instruction_part=templates.MCQ_INSTRUCTION_PART,
-                             response_part=templates.MCQ_RESPONSE_PART, logging_steps=1))
+                             logging_steps=1))
     out = capsys.readouterr().out
     assert "{'loss'" not in out  # no dict per log on the console: metrics.csv has them
     assert out.count("Unsloth (CPU): LlamaForCausalLM") == 1  # three loads, Unsloth's identical line shown once

@@ -66,13 +66,16 @@ def test_constraints_file_holds_exactly_the_images_torch_stack(tmp_path):
         image_constraints.constraints_text({"torch": "2.15.0"})
 
 
-def _fake_wheel(folder: Path, name: str, version: str, *requires: str) -> None:
+def _fake_wheel(folder: Path, name: str, version: str, *requires: str, files: dict | None = None) -> None:
+    name = name.replace("-", "_")
     dist = f"{name}-{version}.dist-info"
     with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
         wheel.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
                        + "".join(f"Requires-Dist: {r}\n" for r in requires))
         wheel.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         wheel.writestr(f"{dist}/RECORD", "")
+        for path, text in (files or {}).items():
+            wheel.writestr(path, text)
 
 
 @pytest.mark.slow
@@ -103,6 +106,95 @@ def test_xformers_is_never_pinned_to_a_build_that_needs_another_torch(tmp_path):
     assert resolve("-c", str(constraints)) == {"xformers": "0.0.29.post3", "torch": "2.6.0+cu124"}
     assert resolve() == {"xformers": "0.0.35", "torch": "2.13.0"}  # what an unconstrained install would do
 
+
+# --- install.sh's order, with real pip on stand-in wheels (offline, ~1 minute) -------------------------------------
+
+def _stand_in_index(folder: Path) -> None:
+    """Wheels standing in for the pinned stack: every name of requirements.txt / requirements-unsloth.txt at a version
+    its pin allows, empty but for an importable torch (CPU build), unsloth (that fails to import while
+    $LLMFT_TEST_UNSLOTH_BROKEN names a file that exists) and llmft; unsloth and unsloth_zoo declare the real
+    requirements of the installed releases (torchvision, triton, ... that a CPU install leaves out)."""
+    from packaging.requirements import Requirement
+
+    folder.mkdir()
+    pins = {}
+    for name in ("requirements.txt", "requirements-unsloth.txt"):
+        for line in (REPO / name).read_text().splitlines():
+            if line.split("#")[0].strip():
+                req = Requirement(line.split("#")[0].strip())
+                pins[req.name] = next(v for v in [s.version for s in req.specifier if s.operator in ("==", ">=")]
+                                      + ["1.0"] if req.specifier.contains(v, prereleases=True))
+    files = {
+        "torch": {"torch/__init__.py": "__version__ = '2.13.0'\nclass version:\n    cuda = None\nclass cuda:\n"
+                                       "    is_available = staticmethod(lambda: False)\n"},
+        "unsloth": {"unsloth/__init__.py": "import os\nif os.path.exists(os.environ['LLMFT_TEST_UNSLOTH_BROKEN']):\n"
+                                           "    raise ImportError('stand-in: Unsloth does not import with this torch')\n"},
+    }
+    pins.update(torch="2.13.0")
+    for name, version in pins.items():
+        requires = metadata.requires(name) or [] if name in ("unsloth", "unsloth_zoo") else []
+        _fake_wheel(folder, name, version, *requires, files=files.get(name))
+    _fake_wheel(folder, "xformers", "0.0.35", "torch>=2.10")
+    _fake_wheel(folder, "llmft", "0.1.0", files={"llmft/__init__.py": ""})
+
+
+@pytest.mark.slow
+def test_a_failed_preflight_leaves_no_llmft_so_the_install_cell_runs_again_and_pip_prints_no_red_error(tmp_path):
+    """The install cell, run twice in a fresh virtualenv as a user re-runs it: the first install fails at install.sh's
+    preflight (`import unsloth`), the second, after the cause is gone, installs llmft. pip is real (offline, on
+    stand-in wheels); the repository's own `pip install <clone>` becomes the stand-in llmft wheel."""
+    index, work, log = tmp_path / "index", tmp_path / "work", tmp_path / "pip.log"
+    _stand_in_index(index)
+    work.mkdir()
+    venv = tmp_path / "venv"
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+    pip = tmp_path / "pip"
+    pip.write_text(f'#!/bin/sh\necho "pip $*" >> {log}\n'
+                   f'args=""; for a in "$@"; do if [ -f "$a/scripts/install.sh" ]; then a=llmft; fi; args="$args $a"; done\n'
+                   f'exec {venv}/bin/python -m pip $args --no-index --find-links {index}\n')
+    nvidia_smi = tmp_path / "bin" / "nvidia-smi"  # no GPU here, whatever the machine has
+    nvidia_smi.parent.mkdir()
+    nvidia_smi.write_text("#!/bin/sh\nexit 1\n")
+    for script in (pip, nvidia_smi):
+        script.chmod(0o755)
+    broken = tmp_path / "unsloth-broken"
+    broken.touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_FIND_LINKS", "VIRTUAL_ENV",
+                                                           "LLMFT_INSTALL_GPU_IMAGE")}
+    env.update(PIP=str(pip), PIP_CONFIG_FILE=os.devnull, PATH=f"{nvidia_smi.parent}:{env['PATH']}",
+               LLMFT_REPO=str(_snapshot_repository(tmp_path)), LLMFT_TEST_UNSLOTH_BROKEN=str(broken))
+
+    def run_install_cell():
+        return subprocess.run([str(venv / "bin" / "python"), "-c", INSTALL_CELL], cwd=work, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    first = run_install_cell()
+    assert first.returncode != 0, first.stdout[-3000:]
+    assert "preflight failed: import unsloth raised ImportError" in first.stdout
+    assert "llmft install stopped: step 'install the pinned stack' failed" in first.stdout
+    assert not [c for c in log.read_text().splitlines() if c.endswith("/llmft-src")]  # llmft never installed ...
+    assert not list((venv / "lib").glob("python*/site-packages/llmft"))  # ... so the cell does not skip next time
+
+    broken.unlink()  # the cause fixed
+    second = run_install_cell()
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "[llmft install] preflight: import unsloth OK" in second.stdout
+    assert "[llmft install] done: llmft installed." in second.stdout
+    # pip checks what installed packages declare only when it resolves; unsloth (torchvision, triton: absent on a
+    # CPU on purpose) goes in last with --no-deps, so no "ERROR: pip's dependency resolver" in a good install
+    for output in (first.stdout, second.stdout):
+        assert "dependency resolver" not in output and "requires torchvision" not in output.replace(
+            "a later pip saying 'unsloth requires torchvision' is expected", "")
+    assert "no torchvision (its PyPI wheel breaks transformers on CPU torch" in second.stdout
+    commands = log.read_text().splitlines()
+    unsloth = max(i for i, c in enumerate(commands) if "requirements-unsloth.txt" in c)
+    resolving = [i for i, c in enumerate(commands) if "--no-deps" not in c]
+    assert max(resolving) < unsloth, commands  # every resolving install before unsloth's
+    assert commands[-1].endswith("/llmft-src"), commands  # llmft last, after the preflight
+
+    third = run_install_cell()
+    assert third.returncode == 0 and "[llmft install] llmft is already installed (" in third.stdout
+    assert "nothing to do" in third.stdout and len(log.read_text().splitlines()) == len(commands)
 
 # --- the real install cell in a live kernel of a fresh virtualenv --------------------------------------------------
 

@@ -53,7 +53,8 @@ def test_secrets_and_broken_notebooks_are_refused(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('token = "hf_' + "a" * 34 + '"')])
     path = tmp_path / "leak.ipynb"
     nbformat.write(nb, path)
-    with pytest.raises(kaggle.KernelError, match="cell 0: contains what looks like a Hugging Face token"):
+    with pytest.raises(kaggle.KernelError, match=r"cell 0 \(code, in its source\): contains what looks like a Hugging "
+                                                 "Face token"):
         kaggle.validate_notebook(path)
     (tmp_path / "broken.ipynb").write_text("{not json")
     with pytest.raises(kaggle.KernelError, match="not a valid notebook"):
@@ -120,3 +121,65 @@ def test_a_notebook_without_the_install_cell_cannot_get_a_wheelhouse(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
     with pytest.raises(kaggle.KernelError, match="not llmft's install cell"):
         kaggle.with_wheelhouse(nb, "alice/wh")
+
+
+KEY = "0123456789abcdef0123456789abcdef"  # the shape of a Kaggle API key (32 hex digits), not a real one
+
+
+def _stream(text):
+    import nbformat
+
+    return nbformat.v4.new_output("stream", name="stdout", text=text)
+
+
+# (source of cell 1, its outputs, words of the form the error must name)
+SECRET_FORMS = {
+    "KAGGLE_KEY assigned": (f'KAGGLE_KEY="{KEY}"', [], "literal value in code"),
+    "os.environ": (f'import os\nos.environ["KAGGLE_KEY"] = "{KEY}"', [], "literal value in code"),
+    "os.environ, any value": ('os.environ["KAGGLE_KEY"] = "my-secret-value"', [], "literal value in code"),
+    "setdefault": (f"os.environ.setdefault('KAGGLE_KEY', '{KEY}')", [], "literal value in code"),
+    "the new token": ('os.environ["KAGGLE_API_TOKEN"] = "KGAT_my-new-token"', [], "literal value in code"),
+    "%env": (f"%env KAGGLE_USERNAME=alice\n%env KAGGLE_KEY={KEY}", [], "%env magic"),
+    "shell line": (f"!KAGGLE_KEY={KEY} kaggle kernels list", [], "shell line"),
+    "single-quoted kaggle.json": (f"creds = {{'username': 'alice', 'key': '{KEY}'}}", [], "kaggle.json form"),
+    "double-quoted kaggle.json": (f'creds = {{"username": "alice", "key": "{KEY}"}}', [], "kaggle.json form"),
+    "key printed in an output": ('print(os.environ["KAGGLE_KEY"])', [_stream(KEY + "\n")], "in its output"),
+    "kaggle.json printed in an output": ("!cat ~/.kaggle/kaggle.json",
+                                         [_stream(f'{{"username":"alice","key":"{KEY}"}}')], "in its output"),
+    "hub token in an output": ("print(token)", [_stream("hf_" + "b" * 34)], "Hugging Face token"),
+}
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_every_secret_form_stops_the_push_before_anything_is_written(form, tmp_path, capsys, monkeypatch):
+    import nbformat
+
+    source, outputs, named = SECRET_FORMS[form]
+    cell = nbformat.v4.new_code_cell(source)
+    cell.outputs = outputs
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# a kernel"), cell,
+                                         nbformat.v4.new_code_cell("print('done')")])
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    out = tmp_path / "kernel"
+    argv = [str(tmp_path / "nb.ipynb"), "--owner", "alice", "--title", "t is long enough", "--out", str(out),
+            "--dry-run"]
+    assert _push_kernel(argv, monkeypatch) == 2
+    printed = capsys.readouterr()
+    assert "cell 1 (code, in its " in printed.err and named in printed.err and "Kaggle Secrets" in printed.err
+    assert "would run" not in printed.out and "kernel folder ready" not in printed.out
+    for secret in (KEY, "my-secret-value", "KGAT_my-new-token", "hf_" + "b" * 34):
+        assert secret not in printed.err + printed.out  # named by its form, never shown
+    assert not out.exists()  # nothing copied into the kernel folder
+
+
+def test_secrets_read_from_kaggle_secrets_are_not_refused(tmp_path):
+    import nbformat
+
+    cells = ['from kaggle_secrets import UserSecretsClient\n'
+             'os.environ["KAGGLE_KEY"] = UserSecretsClient().get_secret("KAGGLE_KEY")',
+             'key = os.environ.get("KAGGLE_KEY", "")', "%env KAGGLE_KEY=$key", '!KAGGLE_KEY="$KEY" kaggle kernels list',
+             'print("KAGGLE_KEY", "missing")', "%env KAGGLE_KEY"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.cells[0].outputs = [_stream("task 0123456789abcdef0123456789abcdef0123 done\n")]  # 40 hex: a git hash
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    kaggle.validate_notebook(tmp_path / "nb.ipynb")

@@ -28,7 +28,7 @@ def test_messy_codemmlu_rows():
     assert report.skipped == {"answer not resolvable to one of the choices": ["task_0004"]} and report.unit == "task_ids"
     first = ds[0]
     assert first["prompt"].endswith("\nAnswer:") and first["n_choices"] == 4 and isinstance(first["choices"], list)
-    assert first["text"] == first["prompt"] + " " + first["answer"] + "<e>"
+    assert first["completion"] == " " + first["answer"] + "<e>" and "text" not in ds.column_names
     assert first["prompt"] == templates.format_mcq(rows[0]["question"], first["choices"]).rstrip()
 
 
@@ -79,14 +79,19 @@ def mcq_data():
 
 
 def test_fractional_epoch_training_on_the_answer_only(lora_model, mcq_data, tmp_path):
+    """mcq_rows' output goes straight into build_trainer (prompt/completion rows), with the loss on " A" + EOS: the
+    letter token score_choices reads after the prompt, and the end of sequence."""
     model, tokenizer = lora_model
     trainer = llmft.build_trainer(
-        model, tokenizer, mcq_data.select_columns(["text"]), num_train_epochs=0.2, per_device_train_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=5e-3, output_dir=str(tmp_path), scheduler="chebyshev",
-        instruction_part=templates.MCQ_INSTRUCTION_PART, response_part=templates.MCQ_RESPONSE_PART, verbose=False)
-    row = trainer.train_dataset[0]
-    kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
-    assert tokenizer.decode(kept).strip() == mcq_data[0]["answer"] + "<|im_end|>"
+        model, tokenizer, mcq_data, num_train_epochs=0.2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        learning_rate=5e-3, output_dir=str(tmp_path), scheduler="chebyshev", verbose=False)
+    assert len(trainer.train_dataset) == len(mcq_data) and trainer.llmft_reports["train_masking"].empty_rows == []
+    for row, source in zip(trainer.train_dataset, mcq_data):
+        kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        letter = tokenizer(" " + source["answer"], add_special_tokens=False)["input_ids"]
+        assert kept == letter + [tokenizer.eos_token_id]  # " A" as one token, then EOS: nothing of the prompt
+        prompt = tokenizer(source["prompt"])["input_ids"]
+        assert row["input_ids"] == prompt + kept  # the context is the prompt as score_choices tokenizes it
     trainer.train()
     assert trainer.state.global_step == trainer.state.max_steps == 2  # 0.2 x (40 rows / batch 4)
     assert (tmp_path / "metrics.csv").exists()
@@ -147,6 +152,21 @@ def test_accuracy_confusion_and_baseline():
     assert matrix.loc["C", "B"] == 1 and matrix.loc["total", "total"] == 4
 
 
+
+def test_accuracy_refuses_letters_it_would_silently_count_wrong():
+    with pytest.raises(ValueError, match=r"accuracy: predictions must be capital letters A-J \(None for no answer\); "
+                                         r"2 of 4 are not, at rows 0, 2 \(e.g. 'a', 'c'\).*not normalised.*upper\(\)"):
+        mcq.accuracy(["a", "B", "c", "D"], ["A", "B", "C", "D"])  # was 0.5, silently
+    with pytest.raises(ValueError, match=r"rows 1 \(e.g. ' B'\)"):
+        mcq.accuracy(["A", " B"], ["A", "B"])
+    with pytest.raises(ValueError, match=r"mcq.extract_answer"):
+        mcq.accuracy(["The answer is A"], ["A"])
+    with pytest.raises(ValueError, match=r"accuracy: answers must be capital letters A-J; 1 of 2 are not, at rows 1"):
+        mcq.accuracy(["A", "B"], ["A", "b"])
+    # no answer (predict_by_generation(fallback=None), or pandas' NaN) is a wrong answer, not an error
+    table = mcq.accuracy(["A", None, float("nan"), "D"], ["A", "B", "C", "D"])
+    assert table.loc["all", "accuracy"] == 0.5 and table.loc["all", "n"] == 4
+
 @pytest.fixture()
 def test_rows():
     return pd.DataFrame({"task_id": ["t1", "t2", "t3"], "n_choices": [4, 2, 4]})
@@ -169,6 +189,25 @@ def test_submission_writing_and_validation(tmp_path, test_rows):
             mcq.write_submission(ids, answers, tmp_path / "bad.csv", test_rows)
     assert not (tmp_path / "bad.csv").exists()  # nothing written when invalid
 
+
+
+def test_an_empty_submission_is_refused_with_the_file_named(tmp_path, test_rows):
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("task_id,answer\n")
+    with pytest.raises(mcq.SubmissionError, match=r"header_only.csv: a header and no rows: a submission needs one row"):
+        mcq.validate_submission(header_only)  # was accepted
+    with pytest.raises(mcq.SubmissionError, match="a header and no rows"):
+        mcq.write_submission([], [], tmp_path / "none.csv")
+    assert not (tmp_path / "none.csv").exists()
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(mcq.SubmissionError, match=r"empty.csv: the file is empty \(not even the header"):
+        mcq.validate_submission(empty, test_rows)  # was pandas' EmptyDataError
+    good = mcq.write_submission(["t1", "t2", "t3"], ["A", "B", "C"], tmp_path / "good.csv", test_rows)
+    with pytest.raises(mcq.SubmissionError, match=r"empty.csv: the file is empty"):
+        mcq.majority_vote([good, empty])
+    with pytest.raises(mcq.SubmissionError, match=r"header_only.csv: a header and no rows"):
+        mcq.majority_vote([good, header_only])
 
 def test_majority_vote_with_priority_tie_break(tmp_path):
     answers = {"qwen": ["A", "B", "C", "D"], "llama": ["A", "C", "D", "D"], "phi": ["B", "C", "A", "B"]}

@@ -1,7 +1,6 @@
 """load_model through Unsloth's real (CPU-mode) path: 4-bit layers, LoRA placement, adapters round trip, errors."""
 import importlib.metadata
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import llmft
 from llmft import _unsloth, models, testing
 
-from conftest import CHAT_PROMPTS, REPO
+from conftest import CHAT_PROMPTS
 
 
 def test_four_bit_base_with_lora_on_every_projection(lora_model):
@@ -99,37 +98,11 @@ def test_missing_unsloth_is_explained(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(_unsloth.metadata, "version", missing)
-    with pytest.raises(ImportError, match="not installed.*scripts/install.sh"):
+    with pytest.raises(ImportError, match="not installed.*scripts/install.sh") as err:
         _unsloth.import_unsloth()
-
-
-_IMPORT_ORDER_PROBE = """
-import sys
-seen = []
-class Recorder:
-    def find_spec(self, name, path=None, target=None):
-        top = name.split(".")[0]
-        if top in ("unsloth", "trl", "transformers", "peft") and top not in seen:
-            seen.append(top)
-        return None
-sys.meta_path.insert(0, Recorder())
-import llmft, os
-print("ORDER=" + ",".join(seen))
-print("CVD=" + os.environ["CUDA_VISIBLE_DEVICES"])
-"""
-
-
-@pytest.mark.slow
-def test_import_order_and_kaggle_gpu_pin_in_a_fresh_interpreter():
-    """`import llmft` loads Unsloth before trl/transformers/peft, and on Kaggle's 2xT4 pins GPU 0 before torch."""
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    env.update(KAGGLE_KERNEL_RUN_TYPE="Interactive", PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", _IMPORT_ORDER_PROBE], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    order = next(line for line in out.stdout.splitlines() if line.startswith("ORDER=")).split("=")[1].split(",")
-    assert order[0] == "unsloth" and {"trl", "transformers", "peft"} <= set(order)
-    assert "CVD=0" in out.stdout and "Kaggle detected" in out.stdout
+    # in a notebook the script is in the clone the install cell made, and re-running that cell is the way to run it
+    assert "in a notebook, re-run its install cell" in str(err.value)
+    assert "`bash llmft-src/scripts/install.sh`" in str(err.value) and "`bash scripts/install.sh`" in str(err.value)
 
 
 @pytest.mark.numeric

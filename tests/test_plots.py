@@ -5,7 +5,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from llmft import plots  # noqa: E402
+from llmft import plots, probes  # noqa: E402
 
 
 def _write_csv(path):
@@ -80,6 +80,6 @@ def test_frontier_points_carry_the_spread_and_probe_curves_span_the_seeds(tmp_pa
     for seed, values in ((1, [1.0, 0.8]), (2, [1.0, 0.6])):
         rows = [{"step": s, "eval_loss": 1.0, "eval_probe/fibonacci": v} for s, v in zip((10, 20), values)]
         runs.setdefault("1 epoch", []).append(pd.DataFrame(rows))
-    fig = plots.plot_probe_curves(runs, "fibonacci")
+    fig = probes.plot_probe_curves(runs, "fibonacci")
     line = fig.axes[0].get_lines()[0]
     assert list(line.get_ydata()) == pytest.approx([1.0, 0.7]) and line.get_label() == "1 epoch (n=2)"

@@ -34,6 +34,20 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     assert "--durations=15" in runner
 
 
+
+def test_readme_tables_render_whole_on_github():
+    """GitHub ends a table at the first blank line: a row after one renders as a stray line of pipes."""
+    for path in (REPO / "README.md", REPO / "kaggle" / "README.md"):
+        lines = path.read_text().splitlines() + [""]
+        for i, line in enumerate(lines[2:-1], start=2):
+            starts_a_table = lines[i + 1].startswith("|---")
+            if line.startswith("|") and not lines[i - 1].strip() and lines[i - 2].startswith("|") and not starts_a_table:
+                raise AssertionError(f"{path.name}:{i + 1}: a blank line inside a table; GitHub drops the rows after it")
+    readme = (REPO / "README.md").read_text()
+    table = re.search(r"^\| notebook \| what it does \|\n(?:\|.*\n)+", readme, flags=re.M)[0]
+    for notebook in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert f"](notebooks/{notebook.name})" in table, notebook.name
+
 def test_one_pinned_stack():
     reqs = (REPO / "requirements.txt").read_text()
     for pin in ("transformers==5.17.0", "trl==1.15.0", "peft==0.21.2", "datasets==4.8.5", "bitsandbytes==0.50.2"):
@@ -117,3 +131,16 @@ def test_forgetting_demo_compares_runs_against_the_spread():
     assert kd["probe_accuracy"]["beyond_spread"] and kd["mcq_accuracy"]["beyond_spread"]  # sd 0.028 and 0.014
     assert noise["probe_accuracy"]["delta"] == pytest.approx(-0.0) and not noise["probe_accuracy"]["beyond_spread"]
     assert noise["probe_accuracy"]["sd"] == pytest.approx(0.1697, abs=1e-4)  # the larger sd of the two runs
+
+
+def test_every_import_points_down_and_no_module_imports_the_package_face():
+    """The layers contract in pyproject.toml (import-linter, function-local imports counted): a module importing one
+    in a higher layer, two modules of a layer importing each other, or any `import llmft` inside llmft fails here."""
+    import shutil
+    import subprocess
+
+    lint = shutil.which("lint-imports")
+    assert lint, "lint-imports missing: bash scripts/install.sh --dev installs import-linter"
+    out = subprocess.run([lint, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "0 broken" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]

@@ -92,10 +92,12 @@ def test_alpaca_masks_cover_the_response_and_eos(real, tmp_path):
 def test_mcq_prompt_trains_on_the_letter_and_eos_only(real, tmp_path):
     family, model, tokenizer = real
     rows = data.mcq_rows(testing.tiny_codemmlu(6), eos_token=tokenizer.eos_token, verbose=False)
-    trainer = _build(model, tokenizer, rows.select_columns(["text"]), tmp_path,
-                     instruction_part=templates.MCQ_INSTRUCTION_PART, response_part=templates.MCQ_RESPONSE_PART)
+    trainer = _build(model, tokenizer, rows, tmp_path)  # mcq_rows' prompt/completion rows, as they are
     assert [t.strip() for t in _trained_text(trainer, tokenizer)] == [
         a + tokenizer.eos_token for a in rows["answer"]]
+    for row, source in zip(trainer.train_dataset, rows):  # the letter is the token score_choices reads
+        first = next(t for t, label in zip(row["input_ids"], row["labels"]) if label != -100)
+        assert first == tokenizer(" " + source["answer"], add_special_tokens=False)["input_ids"][0]
 
 
 def test_rows_and_turns_without_trainable_tokens_are_reported_by_name(real, tmp_path):

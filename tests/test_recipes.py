@@ -1,5 +1,6 @@
 """Recipe files: `python -m llmft train|dpo recipe.yaml` runs the whole path; names are checked before loading."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,101 @@ def test_unknown_section_is_named(tmp_path):
     path.write_text("model: {name: testing:tiny_model}\ntraning: {max_steps: 1}\n")
     with pytest.raises(TypeError, match=r"'traning' \(did you mean 'training'\?\)"):
         recipes.load_recipe(path)
+
+
+def _recipe_file(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("model:\n\tname: testing:tiny_model\n", ":2:1:", "YAML indents with spaces, never tabs"),
+    ("model: {name: testing:tiny_model\ndata: {}\n", ":2:", "YAML syntax error"),
+    ("training:\n  max_steps: 1\n learning_rate: 1\n", ":3:", "YAML syntax error"),
+])
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys, text, where, problem):
+    path = _recipe_file(tmp_path, text)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}{where}") and problem in err
+    with pytest.raises(ValueError, match=problem):
+        recipes.load_recipe(path)
+
+
+def test_a_typo_in_the_smoke_section_is_refused_without_smoke(tmp_path, capsys):
+    text = (REPO / "recipes" / "01_sft.yaml").read_text().replace("learning_rate: 5.0e-3", "learning_rte: 5.0e-3")
+    path = _recipe_file(tmp_path, text)
+    assert main(["train", str(path)]) == 2  # no --smoke: the section is not applied, and checked all the same
+    assert "[smoke] [training]: unknown option(s) 'learning_rte' (did you mean 'learning_rate'?)" in \
+        capsys.readouterr().err
+    assert "smoke" not in recipes.load_recipe(path, smoke=True)  # applied: nothing left over
+
+
+@pytest.mark.parametrize("section, line, message", [
+    ("training", "learning_rate: abc", r"\[training\]: learning_rate='abc': not a number"),
+    ("training", "max_steps: -5", r"\[training\]: max_steps=-5: .*-1 to train for num_train_epochs"),
+    ("training", "per_device_train_batch_size: 0", r"per_device_train_batch_size=0: must be at least 1"),
+    ("data", "split: nosuchsplit", r"\[data\]: data.split='nosuchsplit': testing:finetome has only the split\(s\) "
+                                   r"\['train'\]"),
+    ("data", "dataset: testing:finetom", r"data.dataset='testing:finetom': .*did you mean 'testing:finetome'"),
+])
+def test_bad_values_fail_before_anything_loads(tmp_path, capsys, monkeypatch, section, line, message):
+    sections = {"data": "dataset: testing:finetome, format: sharegpt", "training": "output_dir: out, max_steps: 2"}
+    sections[section] += ", " + line
+    path = _recipe_file(tmp_path, "model: {name: testing:tiny_model}\n"
+                        + "".join(f"{name}: {{{fields}}}\n" for name, fields in sections.items()))
+    assert main(["train", str(path)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    import llmft
+
+    monkeypatch.setattr(llmft, "load_model", _must_not_load)
+    with pytest.raises(ValueError, match=message):
+        recipes.run_recipe(path, "train", smoke=False)
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was found")
+
+
+def test_output_dir_that_is_a_file_fails_before_loading(tmp_path, capsys, monkeypatch):
+    (tmp_path / "out").write_text("not a directory")
+    path = _recipe_file(tmp_path, "model: {name: testing:tiny_model}\ndata: {dataset: testing:finetome, format: "
+                                  f"sharegpt}}\ntraining: {{output_dir: {tmp_path / 'out'}, max_steps: 2}}\n")
+    assert main(["train", str(path)]) == 2
+    assert "[training]: output_dir=" in capsys.readouterr().err
+    import llmft
+
+    monkeypatch.setattr(llmft, "load_model", _must_not_load)
+    with pytest.raises(ValueError, match="is a file"):
+        recipes.run_recipe(path, "train", smoke=False)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    path = _recipe_file(tmp_path, "model: {name: testing:tiny_model}\ndata: {dataset: testing:finetome, format: "
+                                  "sharegpt}\ntraining: {learning_rate: 2e-4, num_train_epochs: 1e-1}\n")
+    recipe = recipes.load_recipe(path)
+    assert recipe["training"]["learning_rate"] == "2e-4"  # what PyYAML reads (YAML 1.1 wants 2.0e-4)
+    recipes.check_recipe(recipe, "train", str(path))
+    import trl
+
+    options, _ = recipes.options_from(recipes.SFTOptions, "train", trl.SFTConfig, recipe["training"])
+    assert options.learning_rate == 2e-4 and options.num_train_epochs == 0.1
+
+
+def test_bad_data_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import llmft
+
+    monkeypatch.setattr(llmft, "load_model", _must_not_load)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "q", "answer": "a"}\n' * 4)
+    path = _recipe_file(tmp_path, "model: {name: testing:tiny_model}\n"
+                                  f"data: {{dataset: {rows}, format: sharegpt, eval_rows: 0}}\n"
+                                  f"training: {{output_dir: {tmp_path / 'out'}, max_steps: 2}}\n")
+    with pytest.raises(llmft.DataError, match=r"sharegpt_to_messages: the dataset has no column\(s\) "
+                                              r"\['conversations'\]"):
+        recipes.run_recipe(path, "train", smoke=False)
+    assert main(["train", str(path)]) == 2 and "error: sharegpt_to_messages" in capsys.readouterr().err
+    split = _recipe_file(tmp_path, path.read_text().replace("eval_rows: 0", "split: test"))
+    with pytest.raises(ValueError, match=r"data.split='test': .*rows.jsonl: .*train"):
+        recipes.run_recipe(split, "train", smoke=False)

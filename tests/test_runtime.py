@@ -84,6 +84,20 @@ def test_preflight_prints_one_line_once_and_notes_two_gpus(no_opt_in, monkeypatc
     assert any("training on GPU 0 only" in note for note in runtime.preflight(force=True)["notes"])
 
 
+
+def test_preflight_on_a_cpu_says_which_opt_in_allowed_it_or_that_none_did(no_opt_in, monkeypatch, capsys):
+    info = runtime.preflight(force=True)
+    out = capsys.readouterr().out
+    assert "CPU (no CUDA GPU; neither smoke mode nor LLMFT_ALLOW_CPU=1 is set" in info["line"]
+    assert "allowed by" not in out  # it used to claim an opt-in that was not there
+    assert "note: no GPU: load_model of a hub model stops here; to get a T4: Colab: Runtime > Change runtime" in out
+    monkeypatch.setenv("LLMFT_ALLOW_CPU", "1")
+    info = runtime.preflight(force=True)
+    assert "CPU (no CUDA GPU; LLMFT_ALLOW_CPU=1 set: on the CPU on purpose)" in info["line"] and not info["notes"]
+    monkeypatch.delenv("LLMFT_ALLOW_CPU")
+    monkeypatch.setenv("LLMFT_SMOKE", "1")
+    assert "CPU (no CUDA GPU; smoke mode (LLMFT_SMOKE=1)" in runtime.preflight(force=True)["line"]
+
 def test_output_dir_by_platform(no_opt_in, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     assert runtime.output_dir("01_sft") == os.path.join("outputs", "01_sft") and (tmp_path / "outputs/01_sft").is_dir()
@@ -108,3 +122,48 @@ def test_output_dir_by_platform(no_opt_in, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "google.colab.drive", fake_drive)
     assert runtime.output_dir("01_sft", drive=True) == str(drive_root / "01_sft") and mounted == [runtime.DRIVE_MOUNT]
     assert runtime.output_dir("02_dpo") == str(drive_root / "02_dpo") and len(mounted) == 1  # mounted: used as is
+
+
+def _adapters(folder):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    return str(folder)
+
+
+def test_previous_adapters_are_found_where_each_platform_keeps_them_or_stop_with_how_to_bring_them(
+        no_opt_in, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    find = dict(made_by="01_sft.ipynb", switch="FROM_BASE = True")
+    with pytest.raises(FileNotFoundError) as err:
+        runtime.previous_adapters("01_sft", **find)
+    message = str(err.value)
+    assert message.startswith("The adapters of 01_sft.ipynb are not here (looked in outputs/01_sft/adapters)")
+    assert "- Colab: run 01_sft.ipynb with DRIVE = True (it saves to Google Drive, " in message
+    assert "- Kaggle: run 01_sft.ipynb and Save Version; in this notebook, Add Input" in message
+    assert message.endswith("Or go on without them: FROM_BASE = True in this notebook's settings.")
+    assert runtime.previous_adapters("01_sft", missing_ok=True, **find) is None
+    assert "no adapters from 01_sft.ipynb (looked in outputs/01_sft/adapters); going on without them (FROM_BASE = " \
+           "True)." in capsys.readouterr().out
+    (tmp_path / "outputs" / "01_sft" / "adapters").mkdir()  # a folder without adapters is not taken for them
+    with pytest.raises(FileNotFoundError):
+        runtime.previous_adapters("01_sft", **find)
+    (tmp_path / "outputs" / "01_sft" / "adapters" / "adapter_config.json").write_text("{}")
+    assert runtime.previous_adapters("01_sft", **find) == os.path.join("outputs", "01_sft", "adapters")
+
+    # Kaggle: the earlier notebook's saved output, attached to this one as an input
+    monkeypatch.setattr(runtime, "KAGGLE_WORKING", str(tmp_path / "kaggle-working"))
+    monkeypatch.setattr(runtime, "KAGGLE_INPUT", str(tmp_path / "kaggle-input"))
+    (tmp_path / "kaggle-working").mkdir()
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    with pytest.raises(FileNotFoundError, match=r"kaggle-input/\*\*/01_sft/adapters\)"):
+        runtime.previous_adapters("01_sft", **find)
+    attached = _adapters(tmp_path / "kaggle-input" / "llmft-01-sft" / "01_sft" / "adapters")
+    assert runtime.previous_adapters("01_sft", **find) == attached
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
+
+    # Colab: on Google Drive, where notebook 01 saved them with DRIVE = True
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-x")
+    drive_root = tmp_path / "drive" / "MyDrive" / "llmft"
+    monkeypatch.setattr(runtime, "DRIVE_ROOT", str(drive_root))
+    on_drive = _adapters(drive_root / "02_dpo" / "adapters")
+    assert runtime.previous_adapters("02_dpo", made_by="02_dpo.ipynb") == on_drive

@@ -42,10 +42,22 @@ def test_dataset_shape_errors(lora_model):
     model, tokenizer = lora_model
     with pytest.raises(data.DataError, match="sharegpt_to_messages"):
         llmft.build_trainer(model, tokenizer, testing.tiny_finetome(4))
-    with pytest.raises(data.DataError, match=r"'messages' \(chat\) or 'text' column, got \['question'\]"):
+    with pytest.raises(data.DataError, match=r"'messages' \(chat\), 'text' or 'prompt' \+ 'completion' column, "
+                                             r"got \['question'\]"):
         llmft.build_trainer(model, tokenizer, Dataset.from_dict({"question": ["q"]}))
     with pytest.raises(ValueError, match="needs instruction_part and response_part"):
         llmft.build_trainer(model, tokenizer, Dataset.from_dict({"text": ["q"]}), responses_only=True)
+
+
+@pytest.mark.parametrize("train, eval_, message", [
+    (Dataset.from_dict({"text": []}), None, r"train_dataset: empty \(0 rows\)"),
+    (Dataset.from_dict({"text": ["a"]}), Dataset.from_dict({"text": []}), r"eval_dataset: empty \(0 rows\)"),
+    (Dataset.from_dict({"prompt": ["q"], "text": ["q a"]}), None,
+     r"train_dataset: has 'prompt' but no 'completion'.*drop 'prompt'.*to train on 'text'"),
+])
+def test_empty_or_misread_datasets_are_refused_before_the_model_is_touched(train, eval_, message):
+    with pytest.raises(data.DataError, match=message):
+        llmft.build_trainer(None, None, train, eval_)  # model and tokenizer None: the data fails first
 
 
 def test_loss_only_on_assistant_responses(lora_model, chat_dataset, tmp_path):
