@@ -1,7 +1,8 @@
 """llmft: fine-tune LLMs on a free Colab/Kaggle T4 with Unsloth + TRL, and trust the result.
 
 Importing llmft imports Unsloth first (it must patch transformers/TRL/PEFT before they load) and, on Kaggle's
-2xT4, pins training to GPU 0 unless CUDA_VISIBLE_DEVICES is already set.
+2xT4, pins training to GPU 0 unless CUDA_VISIBLE_DEVICES is already set. In a worker started by torchrun it first asks
+Linux to end the process when torchrun ends (:func:`llmft.runtime.die_with_launcher`).
 """
 from llmft.runtime import die_with_launcher as _die_with_launcher
 
