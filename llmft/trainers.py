@@ -700,7 +700,13 @@ def train(trainer, resume: bool | str | None = "auto"):
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
     over) and starts fresh otherwise; ``True`` requires a checkpoint; a path resumes from that checkpoint;
     ``False``/``None`` always starts fresh. Under torchrun every process resumes from the same checkpoint (its own RNG
-    state included)."""
+    state included).
+
+    A checkpoint a kill or a full disk left incomplete (see :func:`checkpoint_problem`) is skipped with a warning naming
+    it and why; a path to one is refused, naming the file. The ``train_loss`` returned and logged, and TRL's token
+    counts, are the whole run's (:class:`RunningTotals`). A full disk stops training with an ``OSError`` (ENOSPC)
+    saying where, how much is free and about how much a checkpoint needs, and removes the checkpoint it left
+    half-written."""
     checkpoint = None
     if resume in ("auto", True):
         checkpoint = latest_checkpoint(trainer.args.output_dir)
