@@ -242,6 +242,7 @@ def smol_sft(tmp_path_factory):
     return model, tokenizer, folder
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.numeric
 def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_alike(smol_sft):
@@ -269,6 +270,7 @@ def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_al
     assert same >= (5 if BF16 else 8), list(zip(got, expected))
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.numeric
 def test_real_model_q8_0_gguf_answers_like_the_merged_model_at_least_7_of_8(smol_sft):

@@ -10,7 +10,7 @@ import pytest
 import llmft
 from llmft import runtime, testing
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the shared fixture calibrates and trains: minutes
+pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(1800)]  # the shared fixture calibrates and trains: minutes
 SOURCE = testing.REAL_MODELS["smollm2"]
 
 
