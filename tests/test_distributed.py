@@ -476,15 +476,18 @@ def test_torchrun_recipe_goes_down_with_its_cell(tmp_path, how):
     try:
         _wait_for_training(out, kernel)
         job = _job_processes(mark)
-        assert len(job) == 4 and sum(job.values()) == 2  # kernel, torchrun, two workers
+        assert kernel.pid in job and sum(job.values()) == 2 and len(job) >= 4  # kernel, torchrun, two workers (+ any
+        # helper process they start, e.g. a resource tracker)
         if how == "kernel restart":
             os.killpg(kernel.pid, signal.SIGKILL)
         elif how == "kernel killed":
             os.kill(kernel.pid, signal.SIGKILL)
         else:
             os.kill(kernel.pid, signal.SIGINT)
-        seconds = _gone_within(mark, [pid for pid in job if pid != kernel.pid])
-        assert seconds is not None, f"{how}: still running 60 s later: {_job_processes(mark)}"
+        # an interrupt waits 3 s for torchrun, then SIGTERM and up to 30 s (stop_timeout) before SIGKILL: on a loaded
+        # 2-core machine that can pass 60 s
+        seconds = _gone_within(mark, [pid for pid in job if pid != kernel.pid], timeout=120)
+        assert seconds is not None, f"{how}: still running 120 s later: {_job_processes(mark)}"
         print(f"{how}: torchrun and its workers gone in {seconds:.1f} s")
         kernel.wait(60)
         if how == "interrupt":
