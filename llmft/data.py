@@ -1,8 +1,8 @@
 """Hub-shaped datasets → trainer-ready datasets, with row-level checks.
 
 Each adapter reads rows in the shape users load from the hub and returns a ``datasets.Dataset`` in the shape TRL
-expects (``messages`` for chat data, ``text`` for plain prompts, conversational ``prompt``/``chosen``/``rejected`` for
-DPO). A malformed row raises :class:`DataError` naming the
+expects (``messages`` for chat data, ``text`` for plain prompts, ``prompt``/``completion`` for multiple-choice answers,
+conversational ``prompt``/``chosen``/``rejected`` for DPO). A malformed row raises :class:`DataError` naming the
 row index and the field, with a hint. Rows left out on purpose (nothing to learn from them) are counted and reported
 in a :class:`DataReport`, printed by default; nothing is dropped silently.
 """

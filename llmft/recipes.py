@@ -177,7 +177,7 @@ def load_rows(data: DataConfig):
             else:
                 raw = load_dataset(data.dataset, split=data.split)
         except ValueError as exc:
-            if "split" not in str(exc).lower():
+            if "unknown split" not in str(exc).lower():
                 raise
             raise ConfigError("data.split", data.split, f"{data.dataset}: {exc}") from None
     if len(raw) == 0:
