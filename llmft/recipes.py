@@ -69,7 +69,8 @@ class DataConfig:
                 raise ConfigError("data.dataset", self.dataset, f"the built-in datasets are {sorted(TESTING_DATASETS)}"
                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
             if self.split not in TESTING_SPLITS:
-                raise ConfigError("data.split", self.split, f"{self.dataset} has only the split(s) {list(TESTING_SPLITS)}")
+                raise ConfigError("data.split", self.split,
+                                  f"{self.dataset} has only the split(s) {list(TESTING_SPLITS)}")
         if self.rows is not None and self.rows < 1:
             raise ConfigError("data.rows", self.rows, "give a positive number of rows, or null for all")
         if self.eval_rows < 0:
