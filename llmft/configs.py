@@ -102,7 +102,8 @@ def number(option: str, value, kind: type = float, example=None):
 
 def coerce_numbers(config, fields=None) -> None:
     """Convert, in place, the number fields of a dataclass instance (or of a dict, with ``fields`` the dataclass
-    fields that type it) from numeric strings; refuse non-numbers with a :class:`ConfigError`. ``None`` is left alone."""
+    fields that type it) from numeric strings; refuse non-numbers with a :class:`ConfigError`. ``None`` is left
+    alone."""
     is_dict = isinstance(config, dict)
     for f in fields if fields is not None else dataclasses.fields(config):
         kind = _number_type(f.type)

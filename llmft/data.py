@@ -1,8 +1,8 @@
 """Hub-shaped datasets → trainer-ready datasets, with row-level checks.
 
 Each adapter reads rows in the shape users load from the hub and returns a ``datasets.Dataset`` in the shape TRL
-expects (``messages`` for chat data, ``text`` for plain prompts, conversational ``prompt``/``chosen``/``rejected`` for
-DPO). A malformed row raises :class:`DataError` naming the
+expects (``messages`` for chat data, ``text`` for plain prompts, ``prompt``/``completion`` for multiple-choice answers,
+conversational ``prompt``/``chosen``/``rejected`` for DPO). A malformed row raises :class:`DataError` naming the
 row index and the field, with a hint. Rows left out on purpose (nothing to learn from them) are counted and reported
 in a :class:`DataReport`, printed by default; nothing is dropped silently.
 """
@@ -422,8 +422,8 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
     ``answer_key``). Returns ``task_id``, ``prompt`` (ends with "Answer:", for scoring/generation), ``choices``,
     ``n_choices`` and, with answers, ``answer`` (a letter) and ``completion`` (" " + letter + ``eos_token``): prompt /
     completion rows that :func:`llmft.build_trainer` takes as they are, with the loss on the completion only (the
-    letter as :func:`llmft.mcq.score_choices` reads it, and the end of sequence). Rows whose answer cannot be resolved are skipped and reported by task_id; malformed rows raise
-    :class:`DataError` naming the row and field. Letters never shift: trailing empty options (``answer_d=""`` on a
+    letter as :func:`llmft.mcq.score_choices` reads it, and the end of sequence). Rows whose answer cannot be resolved
+    are skipped and reported by task_id; malformed rows raise :class:`DataError` naming the row and field. Letters never shift: trailing empty options (``answer_d=""`` on a
     three-choice row) just mean fewer choices, and an empty option before a filled one is a :class:`DataError`
     naming the row and field. ``with_answers=False`` for test rows without answers.
     """

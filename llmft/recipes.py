@@ -70,7 +70,8 @@ class DataConfig:
                 raise ConfigError("data.dataset", self.dataset, f"the built-in datasets are {sorted(TESTING_DATASETS)}"
                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
             if self.split not in TESTING_SPLITS:
-                raise ConfigError("data.split", self.split, f"{self.dataset} has only the split(s) {list(TESTING_SPLITS)}")
+                raise ConfigError("data.split", self.split,
+                                  f"{self.dataset} has only the split(s) {list(TESTING_SPLITS)}")
         if self.rows is not None and self.rows < 1:
             raise ConfigError("data.rows", self.rows, "give a positive number of rows, or null for all")
         if self.eval_rows < 0:
@@ -225,7 +226,7 @@ def load_rows(data: DataConfig):
             else:
                 raw = load_dataset(data.dataset, split=data.split)
         except ValueError as exc:
-            if "split" not in str(exc).lower():
+            if "unknown split" not in str(exc).lower():
                 raise
             raise ConfigError("data.split", data.split, f"{data.dataset}: {exc}") from None
     if len(raw) == 0:

@@ -223,7 +223,8 @@ def test_dpo_run_logs_rewards_early_stops_and_keeps_the_best(lora_model, pairs, 
      r"\(empty rejected: rows 0\).*preference_pairs\(dataset, strict=False\)"),
     ([], r"train_dataset: empty \(0 rows\)"),
     ([{"prompt": "q?", "chosen": [{"role": "assistant", "content": "a"}],
-       "rejected": [{"role": "assistant", "content": "b"}]}], r"row 0: prompt, chosen and rejected must be all strings"),
+       "rejected": [{"role": "assistant", "content": "b"}]}],
+     r"row 0: prompt, chosen and rejected must be all strings"),
 ])
 def test_pairs_without_a_preference_are_refused_by_the_builder(rows, message):
     dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})

@@ -97,6 +97,20 @@ def test_fractional_epoch_training_on_the_answer_only(lora_model, mcq_data, tmp_
     assert (tmp_path / "metrics.csv").exists()
 
 
+def test_a_question_quoting_the_answer_marker_trains_on_the_letter_only(lora_model, tmp_path):
+    """Code questions often contain "Answer:"; the completion is located by the prompt, never by searching a marker."""
+    model, tokenizer = lora_model
+    rows = data.mcq_rows(Dataset.from_list([
+        {"task_id": "t0", "question": "What does print('Answer:', 42) output?", "choices": ["Answer: 42", "42"],
+         "answer": "A"},
+        {"task_id": "t1", "question": "Which line prints\nAnswer: B?", "choices": ["x", "print('Answer: B')"],
+         "answer": "B"}]), eos_token=tokenizer.eos_token, verbose=False)
+    trainer = llmft.build_trainer(model, tokenizer, rows, max_steps=1, output_dir=str(tmp_path), verbose=False)
+    for row, letter in zip(trainer.train_dataset, "AB"):
+        kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        assert tokenizer.decode(kept) == f" {letter}{tokenizer.eos_token}"
+
+
 @pytest.mark.numeric
 def test_constrained_scoring_matches_a_direct_computation(lora_model, mcq_data):
     model, tokenizer = lora_model
