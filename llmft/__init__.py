@@ -7,6 +7,8 @@ moment. What ``import llmft`` guarantees at once:
 - Unsloth is imported before transformers, TRL and PEFT, whoever imports them first (it must patch them before they
   load; TRL 1.15 on a CPU even fails in SFT/DPO otherwise): see :func:`llmft._unsloth.unsloth_before_transformers`.
 - On Kaggle's 2xT4, training is pinned to GPU 0 before torch starts, unless CUDA_VISIBLE_DEVICES is already set.
+- In a worker started by torchrun, Linux is first asked to end the process when torchrun ends
+  (:func:`llmft.environment.die_with_launcher`).
 """
 from llmft.environment import die_with_launcher as _die_with_launcher
 

@@ -52,7 +52,23 @@ def _parser() -> argparse.ArgumentParser:
                             "assets from llmft.testing), as LLMFT_SMOKE=1 does")
         recipe.add_argument("--offline", action="store_true", help="no hub lookups (HF_HUB_OFFLINE=1); implied by "
                             "--smoke")
+        recipe.epilog = _overrides_help(name)
+        recipe.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+def _overrides_help(command: str) -> str:
+    """The fields a recipe's ``training`` section takes, for ``--help`` (light: no torch, no TRL import)."""
+    from llmft.configs import DPOOptions, SFTOptions, help_table
+
+    options = SFTOptions if command == "train" else DPOOptions
+    trl_name = "SFTConfig" if command == "train" else "DPOConfig"
+    return ("overrides: any field of the recipe, after the file and its smoke section, e.g.\n"
+            f"  python -m llmft {command} recipe.yaml --learning_rate 1e-4 --max_steps 30 --model.lora_r 32\n"
+            "(a bare name goes to the section that has it: training, then model, then data; values are read as "
+            "YAML).\n\n"
+            f"training fields of llmft ({options.__name__}), besides every trl.{trl_name} field:\n"
+            + "\n".join("  " + line for line in help_table(options).splitlines()))
 
 
 def set_offline() -> None:
@@ -74,14 +90,19 @@ def set_offline() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command not in ("train", "dpo"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.command in ("train", "dpo"):
         from llmft import recipes
 
         if args.smoke or args.offline:
             set_offline()
         try:  # a bad file, field name or value: a one-line message, before anything loads
-            recipes.check_recipe(recipes.load_recipe(args.recipe, smoke=args.smoke), args.command, args.recipe)
+            recipe = recipes.load_recipe(args.recipe, smoke=args.smoke)
+            recipe = recipes.apply_overrides(recipe, overrides, args.command)
+            recipes.check_recipe(recipe, args.command, args.recipe)
         except (TypeError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -89,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         from llmft.data import DataError
 
         try:
-            recipes.run_recipe(args.recipe, args.command, smoke=args.smoke or None)
+            recipes.run_recipe(recipe, args.command, smoke=False)  # resolved above (smoke section and overrides)
         except (ConfigError, DataError) as exc:  # bad data (read before the model loads): one line as well
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -92,7 +92,7 @@ def import_unsloth():
     return sys.modules["unsloth"]
 
 
-ORDERED_AFTER_UNSLOTH = ("transformers", "trl", "peft")
+ORDERED_AFTER_UNSLOTH = ("transformers", "trl", "peft", "unsloth_zoo")  # unsloth_zoo refuses to go first
 _wrapped_import = None  # Python's own __import__ while the wrapper below is installed
 
 
@@ -100,9 +100,9 @@ def unsloth_before_transformers() -> bool:
     """Guarantee that Unsloth is imported before transformers, TRL and PEFT, whoever imports them first, without
     importing anything heavy now (so ``llmft.kaggle``, ``llmft.configs`` and ``python -m llmft --help`` stay light).
 
-    Until Unsloth is loaded, Python's ``__import__`` is wrapped: the first ``import transformers`` (or trl, peft, or
-    one of their submodules) imports Unsloth just before it, through :func:`import_unsloth` and its checks. The
-    wrapper steps aside for good once Unsloth is in. Nothing is installed when Unsloth is already imported, when one of
+    Until Unsloth is loaded, Python's ``__import__`` is wrapped: the first ``import transformers`` (or trl, peft,
+    unsloth_zoo, or one of their submodules) imports Unsloth just before it, through :func:`import_unsloth` and its
+    checks. The wrapper steps aside for good once Unsloth is in. Nothing is installed when Unsloth is already imported, when one of
     those libraries was imported first (:func:`import_unsloth` warns about that when llmft needs Unsloth), or when
     Unsloth is not installed (llmft's model functions then say how to install it). Returns whether it was installed.
     ``importlib.import_module("transformers")`` bypasses ``__import__``: llmft's own modules import Unsloth

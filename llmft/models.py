@@ -137,7 +137,7 @@ def load_model(
         require_gpu(f"load_model({model_name!r})", allow_cpu=allow_cpu)
     if not adapter_dir:
         check_model_source(model_name)
-    preflight(dtype if dtype is not None else pick_dtype())
+    preflight(dtype if dtype is not None else pick_dtype(), allow_cpu=allow_cpu)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_name,
         max_seq_length=max_seq_length,

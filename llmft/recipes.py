@@ -125,17 +125,14 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
     """Check every name of every section against what it is passed to (a :class:`TypeError` naming the closest one)
     and the data and training values (a :class:`~llmft.configs.ConfigError` naming the option and the fix), of the
     recipe and of its unapplied ``smoke`` section alike, before anything loads."""
-    from llmft.models import load_model
-
     options_cls, trl_cls = _options(command)
-    model_known = set(inspect.signature(load_model).parameters) - {"model_name", "from_pretrained_kwargs"} | {"name"}
-    check_names(recipe["model"], model_known, f"{where} [model]", "Fields are `name` and llmft.load_model keywords.")
+    known = known_fields(command)
+    check_names(recipe["model"], known["model"], f"{where} [model]", "Fields are `name` and llmft.load_model keywords.")
     if "name" not in recipe["model"]:
         raise ValueError(f"{where} [model]: `name` is required (a hub id, a local directory or {TESTING_MODEL})")
-    check_names(recipe["data"], field_names(DataConfig), f"{where} [data]",
+    check_names(recipe["data"], known["data"], f"{where} [data]",
                 f"Fields are llmft.recipes.DataConfig's: {field_names(DataConfig)}.")
-    training_known = set(field_names(options_cls)) | set(field_names(trl_cls))
-    check_names(recipe["training"], training_known, f"{where} [training]",
+    check_names(recipe["training"], known["training"], f"{where} [training]",
                 f"Fields are llmft.configs.{options_cls.__name__}'s or trl.{trl_cls.__name__}'s.")
     for section, check in (("data", lambda values: DataConfig(**values)),
                            ("training", lambda values: options_from(options_cls, command, trl_cls, values))):
@@ -147,6 +144,56 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
             raise ConfigError(f"{where} [{section}]: {exc.option}", exc.value, exc.fix) from None
     if recipe.get("smoke"):  # not applied on this run: checked all the same, so a typo there shows today
         check_recipe(load_recipe(recipe, smoke=True), command, f"{where} [smoke]")
+
+
+def known_fields(command: str) -> dict[str, set[str]]:
+    """The fields each section of a ``command`` recipe takes: ``model``: ``name`` and :func:`llmft.load_model`'s
+    keywords; ``data``: :class:`DataConfig`'s; ``training``: llmft's options and TRL's config fields."""
+    from llmft.models import load_model
+
+    options_cls, trl_cls = _options(command)
+    return {"model": set(inspect.signature(load_model).parameters) - {"model_name", "from_pretrained_kwargs"} | {"name"},
+            "data": set(field_names(DataConfig)),
+            "training": set(field_names(options_cls)) | set(field_names(trl_cls))}
+
+
+def apply_overrides(recipe: dict, arguments, command: str = "train") -> dict:
+    """A recipe with command-line overrides applied (after its smoke section, so they win): ``--name value``,
+    ``--name=value`` or ``--section.name value``, as ``trl sft --config r.yaml --learning_rate 1e-4`` takes them. A bare
+    name goes to the one section that has it (``training`` first: ``seed`` is a training field); values are read as
+    YAML (``30``, ``1e-4``, ``true``, ``[a, b]``) and then checked like the file's. An unknown name is a
+    :class:`TypeError` with the closest known one."""
+    import yaml
+
+    recipe = copy.deepcopy(recipe)
+    known = known_fields(command)
+    arguments, i = list(arguments), 0
+    while i < len(arguments):
+        token = arguments[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"command line: {token!r} is not an override; write --name value (e.g. --learning_rate "
+                             "1e-4 or --model.lora_r 32)")
+        name, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(arguments) or (arguments[i + 1].startswith("--") and len(arguments[i + 1]) > 2
+                                            and not arguments[i + 1][2].isdigit()):
+                raise ValueError(f"command line: --{name} needs a value (e.g. --{name} 1e-4)")
+            value, i = arguments[i + 1], i + 1
+        i += 1
+        section, dot, field = name.partition(".")
+        if dot:
+            check_names([section], SECTIONS[:3], "command line", f"Sections are {list(SECTIONS[:3])}.")
+            check_names([field], known[section], f"command line [{section}]", f"Fields of [{section}].")
+        else:
+            field = name.replace("-", "_")
+            owners = [part for part in ("training", "model", "data") if field in known[part]]
+            if not owners:
+                check_names([field], set().union(*known.values()), "command line",
+                            "Overrides name a field of the recipe's sections (or --section.name).")
+            section = owners[0]
+        parsed = yaml.safe_load(value) if value.strip() else value
+        recipe[section] = {**recipe.get(section, {}), field: parsed}
+    return recipe
 
 
 def _options(command: str):

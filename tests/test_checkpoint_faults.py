@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-import llmft  # noqa: F401  (Unsloth before transformers, as llmft guarantees)
+import llmft  # first: Unsloth before transformers, as llmft guarantees
 from transformers import TrainerCallback  # noqa: E402
 
 from conftest import REPO, same_after_resume
@@ -35,8 +35,6 @@ class CrashAt(TrainerCallback):
 
 
 def _build(tiny_dir, chats, output_dir, *callbacks, max_steps=MAX_STEPS, every=EVERY, evaluate=True):
-    import llmft
-
     model, tokenizer = llmft.load_model(tiny_dir, max_seq_length=128, lora_r=8, seed=0)
     return llmft.build_trainer(
         model, tokenizer, chats.select(range(32)), chats.select(range(32, 40)) if evaluate else None,
@@ -58,8 +56,6 @@ def _logged(history, key):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir, chat_dataset):
     """An uninterrupted run of MAX_STEPS, and the same run stopped in step CRASH_AT (checkpoints 3 and 6 written)."""
-    import llmft
-
     tmp = tmp_path_factory.mktemp("faults")
     reference = _build(tiny_dir, chat_dataset, tmp / "reference")
     output = llmft.train(reference, resume=False)
@@ -103,8 +99,6 @@ def test_resume_skips_a_checkpoint_with_an_empty_trainer_state(runs, tmp_path, t
     """B1: transformers writes trainer_state.json with a plain open(): a kill at that moment leaves it empty, and
     every resume="auto" failed for ever with JSONDecodeError. Now the checkpoint is skipped, saying which and why, and
     the run resumes from the one before and ends as the uninterrupted run."""
-    import llmft
-
     run = _copy(runs, tmp_path)
     (run / "checkpoint-6" / "trainer_state.json").write_text("")
     trainer = _build(tiny_dir, chat_dataset, run)
@@ -120,7 +114,6 @@ def test_resume_skips_a_checkpoint_with_an_empty_trainer_state(runs, tmp_path, t
 def test_a_cut_adapter_is_skipped_and_named(runs, tmp_path, tiny_dir, chat_dataset, capsys):
     """B2: a cut adapter_model.safetensors in the newest checkpoint ("SafetensorError: incomplete metadata", no file
     named): resume="auto" takes the checkpoint before it; resuming from it by name says which file is cut."""
-    import llmft
     from llmft import trainers
 
     run = _copy(runs, tmp_path)
@@ -140,8 +133,6 @@ def test_a_cut_adapter_is_skipped_and_named(runs, tmp_path, tiny_dir, chat_datas
 def test_resumed_run_reports_the_whole_runs_loss_and_tokens(runs, tmp_path, tiny_dir, chat_dataset):
     """B3: after a resume, train_loss (returned and printed) summed only the resumed part (2.815 or 4.922 instead of
     6.074), and TRL's num_tokens / eval_num_tokens restarted from 0 (only metrics.csv's rows were corrected)."""
-    import llmft
-
     run = _copy(runs, tmp_path)
     trainer = _build(tiny_dir, chat_dataset, run)
     output = llmft.train(trainer)
@@ -151,8 +142,6 @@ def test_resumed_run_reports_the_whole_runs_loss_and_tokens(runs, tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def one_checkpoint(tmp_path_factory, tiny_dir, chat_dataset):
-    import llmft
-
     out = tmp_path_factory.mktemp("one") / "run"
     llmft.train(_build(tiny_dir, chat_dataset, out, max_steps=1, every=1, evaluate=False), resume=False)
     return out / "checkpoint-1"
@@ -232,8 +221,6 @@ def test_full_disk_while_saving_says_where_and_how_much(tmp_path, tiny_dir, chat
     """B4: a full disk during a checkpoint stopped training with torch's "enforce fail at inline_container.cc ...
     unexpected pos". Now: no space left on <dir>, N MB free, a checkpoint needs about M MB; the incomplete checkpoint
     removed, metrics.csv intact, and the next run resumes from the last complete checkpoint."""
-    import llmft
-
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _fill_disk_at_step(patch, 2, how)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import llmft
-from llmft import data, export, testing
+from llmft import data, export, runtime, testing
 from llmft.export import GGUFExportError, PinnedArchive
 
 FAMILIES = ["tiny", "llama-3", "qwen", "mistral"]
@@ -116,7 +116,7 @@ def test_converter_is_extracted_from_the_pinned_archive_once_and_its_hash_is_che
         f"{root}/conversion/__init__.py": "", f"{root}/LICENSE": "MIT\n", f"{root}/ggml/src/big.c": "int x;\n"})
     monkeypatch.setenv("LLMFT_DOWNLOADS", str(tmp_path / "dl"))
     monkeypatch.delenv(export.CONVERTER_ENV, raising=False)
-    pinned = PinnedArchive("llama-cpp-python", "0.0.1", path.name, export._sha256(path), root,
+    pinned = PinnedArchive("llama-cpp-python", "0.0.1", path.name, runtime.file_sha256(path), root,
                            ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE"))
     folder = export.gguf_converter(pinned)
     assert folder == tmp_path / "dl" / "llama.cpp-0.0.1"
@@ -242,6 +242,7 @@ def smol_sft(tmp_path_factory):
     return model, tokenizer, folder
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.numeric
 def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_alike(smol_sft):
@@ -269,6 +270,7 @@ def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_al
     assert same >= (5 if BF16 else 8), list(zip(got, expected))
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.numeric
 def test_real_model_q8_0_gguf_answers_like_the_merged_model_at_least_7_of_8(smol_sft):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import llmft
-from llmft import testing
+from llmft import runtime, testing
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(1800)]  # the shared fixture calibrates and trains: minutes
 SOURCE = testing.REAL_MODELS["smollm2"]
 
 
@@ -27,7 +27,7 @@ def smol(smol_dir):
 
 def test_asset_is_the_pinned_wheel_converted_with_fixed_special_tokens(smol_dir):
     recorded = json.loads((smol_dir / "llmft_source.json").read_text())
-    assert recorded["wheel_sha256"] == SOURCE.wheel_sha256 == testing._sha256_file(testing.real_model_wheel())
+    assert recorded["wheel_sha256"] == SOURCE.wheel_sha256 == runtime.file_sha256(testing.real_model_wheel())
     assert recorded["model_safetensors_sha256"] == SOURCE.result_sha256
     config = json.loads((smol_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
@@ -151,7 +151,10 @@ def test_live_probe_is_reported_with_the_retention_guard(sft):
     scored = metrics[key].dropna()
     assert len(scored) >= 2 and scored.between(0, 1).all()
     best = json.loads((sft.dir / "best" / "best.json").read_text())
-    assert best["step"] in (6, 12)
+    evaluations = metrics.dropna(subset=[key])
+    kept = [int(step) for step, value in zip(evaluations["step"], evaluations[key]) if value >= 0.5]
+    assert best["retain"] == {sft.probe.name: 0.5}
+    assert best["best_step"] in kept if kept else best["best_step"] is None  # only evaluations that kept the probe
     retained = probes.retention(probes.run_probe(*_model_and_tokenizer(sft), sft.probe, max_new_tokens=6,
                                                  progress=False))
     print(f"retention after 12 SFT steps: {retained.to_dict('records')} of {sft.probe.calibration}")
@@ -195,13 +198,8 @@ def test_mcq_rows_train_and_constrained_letter_scoring(smol, tmp_path):
     rows = data.mcq_rows(testing.tiny_codemmlu(12), eos_token=tokenizer.eos_token, verbose=False)
     scored = mcq.score_choices(model, tokenizer, rows["prompt"], rows["n_choices"], progress=False)
     assert set(scored["prediction"]) <= set("ABCD") and scored[["logprob_A", "logprob_D"]].notna().all().all()
-    try:
-        trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(tmp_path), max_steps=2,
-                                      per_device_train_batch_size=4, save_strategy="no", verbose=False,
-                                      disable_tqdm=True)
-    except Exception as error:  # noqa: BLE001 (named below)
-        pytest.xfail(f"mcq_rows output into build_trainer still fails on this branch (issue 22, fixed elsewhere): "
-                     f"{type(error).__name__}: {str(error)[:300]}")
+    trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(tmp_path), max_steps=2,
+                                  per_device_train_batch_size=4, save_strategy="no", verbose=False, disable_tqdm=True)
     result = llmft.train(trainer, resume=False)
     assert result.global_step == 2 and result.training_loss > 0
 
@@ -211,14 +209,15 @@ def test_distillation_from_the_adapter_disabled_base(smol, tmp_path):
 
     from llmft import data
 
-    model, tokenizer = smol  # carries the SFT adapters: the KL to the base is not zero
+    model, tokenizer = smol  # with the SFT adapters when the tier runs in order
     rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(8, seed=3)), verbose=False)
     trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(tmp_path), max_steps=2,
                                   per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                                   distill={"weight": 0.3}, verbose=False, disable_tqdm=True)
     llmft.train(trainer, resume=False)
     logged = [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]
-    assert len(logged) == 2 and all(value > 0 for value in logged), trainer.state.log_history
+    # the KL to the base is >= 0, and > 0 once the adapter differs from the base (after step 1 at the latest)
+    assert len(logged) == 2 and logged[0] >= 0 and logged[1] > 0, trainer.state.log_history
 
 
 def test_intruder_dimensions_and_repair_on_the_real_model(sft, smol):

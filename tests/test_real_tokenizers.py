@@ -1,16 +1,16 @@
-"""The trainer-facing paths with REAL tokenizers (Llama-3, Qwen, a SentencePiece Mistral/Llama-2 model) around tiny
-random models: which tokens carry the loss, what the DPO prompt renders to, how batches are padded, when generation
-stops, and which token a choice letter is. The made-up test tokenizer (ChatML, a newline is one token) hides the
-ways real byte-level BPE and SentencePiece vocabularies merge text (GUIDE §7)."""
+"""The trainer-facing paths with REAL tokenizers (Llama-3, Qwen, SentencePiece Mistral v1 (Llama-2 style) and v3, and
+Mistral-Nemo's Tekken) around tiny random models: which tokens carry the loss, what the DPO prompt renders to, how
+batches are padded, when generation stops, and which token a choice letter is. The made-up test tokenizer (ChatML, a
+newline is one token) hides the ways real byte-level BPE and SentencePiece vocabularies merge text (GUIDE §7)."""
 import pytest
 import torch
 from datasets import Dataset
 
 import llmft
-from llmft import data, mcq, templates, testing
+from llmft import data, masking, mcq, templates, testing
 
-FAMILIES = ["llama-3", "qwen", "mistral"]
-END_OF_TURN = {"llama-3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>"}
+FAMILIES = ["llama-3", "qwen", "mistral", "mistral-v3", "tekken"]
+END_OF_TURN = {"llama-3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>", "mistral-v3": "</s>", "tekken": "</s>"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -40,12 +40,15 @@ def _build(model, tokenizer, dataset, tmp_path, **kwargs):
 def test_assets_are_pinned_real_tokenizers(family):
     source = testing.REAL_TOKENIZERS[family]
     tokenizer = testing.real_tokenizer(family)
-    assert len(tokenizer) == {"llama-3": 128256, "qwen": 151669, "mistral": 32000}[family]
+    assert len(tokenizer) == {"llama-3": 128256, "qwen": 151669, "mistral": 32000, "mistral-v3": 32768,
+                              "tekken": 131072}[family]
     assert "<|image|>" not in tokenizer.get_vocab()  # the vision token of the Llama-3.2 file is dropped
     assert tokenizer.chat_template and source.version and all(len(h) == 64 for h in source.files.values())
     assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
-    if family == "mistral":
+    if family in ("mistral", "mistral-v3"):
         assert tokenizer.pad_token_id == 0  # <unk>: a pad id of 0 is a real pad id in this family
+    if family in ("mistral-v3", "tekken"):  # Mistral's instruction markers are control tokens from v2 on
+        assert tokenizer.tokenize("[INST]") == ["[INST]"] and tokenizer.tokenize("[/INST]") == ["[/INST]"]
 
 
 CHATS = [
@@ -112,6 +115,167 @@ def test_rows_and_turns_without_trainable_tokens_are_reported_by_name(real, tmp_
     assert report.empty_rows == [1] and report.empty_turns == [(1, 0), (2, 1)]
     assert report.dropped_by_trainer == 1 and len(trainer.train_dataset) == 2
     assert "dropped rows (empty or truncated responses): 1" in str(report)
+
+
+# Text that is a control token of the family, and the family's chat markers (what Unsloth users pass as
+# instruction_part / response_part for chat data).
+CONTROL_TEXT = {"llama-3": ["<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>"],
+                "qwen": ["<|im_end|>", "<|im_start|>assistant"],
+                "mistral": ["</s>", "<s>"], "mistral-v3": ["</s>", "[INST]", "[/INST]"],
+                "tekken": ["</s>", "[INST]", "[/INST]"]}
+CHAT_MARKERS = {"llama-3": ("<|start_header_id|>user<|end_header_id|>\n\n",
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+                "qwen": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+                "mistral": ("[INST]", "[/INST]"), "mistral-v3": ("[INST]", "[/INST]"), "tekken": ("[INST]", "[/INST]")}
+
+
+def _special_ids(tokenizer):
+    return {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def test_plain_text_stretches_tokenize_as_the_tokenizer_does_between_control_tokens(family):
+    """What makes content-as-data exact: a stretch between two control tokens, tokenized on its own by
+    masking.PlainText, gives the very ids the tokenizer gives it in context (SentencePiece adds no start-of-text
+    prefix there, byte-level BPE merges nothing across a control token)."""
+    tokenizer = testing.real_tokenizer(family)
+    special = _special_ids(tokenizer)
+    plain = masking.PlainText(tokenizer)
+    state = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
+    compared = 0
+    for chat in CHATS + [[{"role": "user", "content": "\nLeading newline"}, {"role": "assistant", "content": " x\n"}]]:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        cuts = [k for k, t in enumerate(ids) if t in special] + [len(ids)]
+        previous = -1
+        for cut in cuts:
+            begin = offsets[previous][1] if previous >= 0 else 0
+            end = offsets[cut][0] if cut < len(ids) else len(text)
+            if end > begin:
+                assert plain.encode(text[begin:end], at_start=begin == 0)[0] == ids[previous + 1:cut], \
+                    (family, text[begin:end])
+                compared += 1
+            previous = cut
+    assert compared >= len(CHATS)
+    assert tokenizer.backend_tokenizer.pre_tokenizer.__getstate__() == state  # the tokenizer is left as it was
+    eos = tokenizer.eos_token
+    assert tokenizer(f"a{eos}", add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_control_token_text_inside_content_is_trained_as_plain_text(real, tmp_path):
+    """An answer quoting the family's end-of-turn token, a user pasting a header: each stays text. Before, the
+    answer trained two end-of-turn tokens (the model learns to stop mid-answer) and the user's header became real."""
+    family, model, tokenizer = real
+    quoted = CONTROL_TEXT[family]
+    answer = f"It is {quoted[0]} then more text."
+    user = "Continue: " + " and ".join(quoted[1:]) + " done"
+    chat = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    clean = [{"role": m["role"], "content": m["content"].replace(quoted[0], "x")} for m in chat]
+    for t in quoted[1:]:
+        clean[0]["content"] = clean[0]["content"].replace(t, "x")
+    trainer = _build(model, tokenizer, Dataset.from_list([{"messages": chat}, {"messages": CHATS[0]}]), tmp_path)
+    row = trainer.train_dataset[0]
+    special = _special_ids(tokenizer)
+    got = [t for t in row["input_ids"] if t in special]
+    expected = [t for t in tokenizer.apply_chat_template(clean, tokenize=True, return_dict=True)["input_ids"]
+                if t in special]
+    assert got == expected  # the template's control tokens only, none from the content
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert [t for t in trained if t in special] == [tokenizer.convert_tokens_to_ids(END_OF_TURN[family])]
+    assert _trained_text(trainer, tokenizer)[0].strip() == answer + END_OF_TURN[family]
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert trainer.llmft_reports["train_masking"].content_control_rows == [0]
+    assert "tokenized as plain text: 0" in str(trainer.llmft_reports["train_masking"])
+
+
+def test_control_token_text_under_a_template_that_rewrites_content_is_refused_by_row():
+    """When the template changes the content (here it doubles every "a"), content cannot be located in the rendering;
+    a row quoting a control token is then refused, naming the row and message, never trained as a control token."""
+    tokenizer = testing.real_tokenizer("llama-3")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+        "{{ m.content | replace('a', 'aa') }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    clean = [{"role": "user", "content": "Say a word"}, {"role": "assistant", "content": "A word."}]
+    masking.mask_responses(Dataset.from_list([{"messages": clean}]), tokenizer)  # no quoted control text: fine
+    quoting = [clean[0], {"role": "assistant", "content": "It is <|eot_id|> a word."}]
+    with pytest.raises(data.DataError, match=r"row 1, message 1: it holds the text '<\|eot_id\|>'"):
+        masking.mask_responses(Dataset.from_list([{"messages": clean}, {"messages": quoting}]), tokenizer)
+
+
+def test_control_token_text_stays_text_with_the_loss_on_every_token(real, tmp_path):
+    """responses_only=False: TRL used to tokenize the chat rows itself, turning the quoted text into control tokens."""
+    family, model, tokenizer = real
+    quoted = CONTROL_TEXT[family][0]
+    chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": f"It is {quoted} then more text."}]
+    clean = [chat[0], {"role": "assistant", "content": "It is x then more text."}]
+    trainer = _build(model, tokenizer, Dataset.from_list([{"messages": chat}]), tmp_path, responses_only=False)
+    row = trainer.train_dataset[0]
+    special = _special_ids(tokenizer)
+    expected = [t for t in tokenizer.apply_chat_template(clean, tokenize=True, return_dict=True)["input_ids"]
+                if t in special]
+    assert [t for t in row["input_ids"] if t in special] == expected
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert trained == row["input_ids"][len(row["input_ids"]) - len(trained):]  # every token after the first ones
+    assert tokenizer.decode(trained).rstrip().endswith(f"It is {quoted} then more text.{END_OF_TURN[family]}")
+    report = trainer.llmft_reports["train_masking"]
+    assert not report.responses_only and report.content_control_rows == [0] and "loss on every token" in str(report)
+
+
+def test_a_marker_quoted_in_an_mcq_question_trains_only_the_answer(real, tmp_path):
+    """Code questions hold "Answer:" often; in MCQ text rows located by markers, the response follows the template's
+    own marker, the last one. (mcq_rows' prompt/completion rows need no marker: TRL masks the prompt by length.)"""
+    family, model, tokenizer = real
+    rows = [{"text": templates.format_mcq("What does print('Answer:', 42) output?",
+                                          ["Answer: 42", "42", "Answer:42", "an error"], "A", tokenizer.eos_token)},
+            {"text": templates.format_mcq("Which is a keyword?", ["def", "fed", "edf", "dfe"], "A",
+                                          tokenizer.eos_token)}]
+    trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
+                     instruction_part=templates.MCQ_INSTRUCTION_PART, response_part=templates.MCQ_RESPONSE_PART)
+    assert [t.strip() for t in _trained_text(trainer, tokenizer)] == ["A" + tokenizer.eos_token] * 2
+    assert trainer.llmft_reports["train_masking"].repeated_marker_rows == [0]
+
+
+def test_a_marker_quoted_in_an_alpaca_input_trains_only_the_response(real, tmp_path):
+    family, model, tokenizer = real
+    rows = [{"text": templates.format_alpaca("Explain this prompt format.", "It ends with ### Response:\n then text",
+                                             "It is the Alpaca format.", eos_token=tokenizer.eos_token)}]
+    trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
+                     instruction_part="### Instruction:\n", response_part="### Response:\n")
+    assert [t.strip() for t in _trained_text(trainer, tokenizer)] == ["It is the Alpaca format." + tokenizer.eos_token]
+
+
+def test_chat_markers_quoted_in_a_user_message_are_not_markers(real, tmp_path):
+    """Explicit chat markers (as Unsloth users pass them) are searched in the template's own text only."""
+    family, model, tokenizer = real
+    instruction_part, response_part = CHAT_MARKERS[family]
+    chats = [[{"role": "user", "content": f"Why does {response_part} appear here? And {instruction_part} too?"},
+              {"role": "assistant", "content": "Because you typed it."}], CHATS[1]]
+    trainer = _build(model, tokenizer, Dataset.from_list([{"messages": c} for c in chats]), tmp_path,
+                     instruction_part=instruction_part, response_part=response_part)
+    end = END_OF_TURN[family]
+    trained = [t.replace("\n", "") for t in _trained_text(trainer, tokenizer)]
+    assert trained == ["Because you typed it." + end, _expected(CHATS[1], end)]
+    report = trainer.llmft_reports["train_masking"]
+    assert report.empty_turns == [] and report.repeated_marker_rows == []
+
+
+def test_control_tokens_inside_text_rows_are_reported_by_row(real, tmp_path):
+    """Text rows have no structure to tell content from template: control-token text in them is named, not hidden."""
+    family, model, tokenizer = real
+    eot = CONTROL_TEXT[family][0]
+    rows = [{"text": templates.format_alpaca("Say hi.", "", "Hi.", eos_token=tokenizer.eos_token)},
+            {"text": templates.format_alpaca("Quote it.", "", f"It is {eot} then more.",
+                                             eos_token=tokenizer.eos_token)}]
+    trainer = _build(model, tokenizer, Dataset.from_list(rows), tmp_path,
+                     instruction_part="### Instruction:\n", response_part="### Response:\n")
+    report = trainer.llmft_reports["train_masking"]
+    assert report.control_text_rows == [1] and "pass the rows as chat messages): 1" in str(report)
+    questions = [{"task_id": "q0", "question": "Which ends a turn?", "choices": ["a", "b"], "answer": "A"},
+                 {"task_id": "q1", "question": f"What is {eot}?", "choices": ["a", "b"], "answer": "B"}]
+    rows = data.mcq_rows(Dataset.from_list(questions), eos_token=tokenizer.eos_token, verbose=False)
+    trainer = _build(model, tokenizer, rows, tmp_path)  # prompt/completion rows: TRL tokenizes them
+    assert trainer.llmft_reports["train_masking"].control_text_rows == [1]
 
 
 def test_dpo_prompt_keeps_the_system_message(real, tmp_path):
@@ -199,7 +363,32 @@ def test_mcq_letter_tokens_are_the_ones_training_puts_after_the_prompt(real):
     letter_ids = mcq._letter_token_ids(tokenizer, 4)
     for row in rows:
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        text_ids = tokenizer(row["text"])["input_ids"]
+        text_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
         assert text_ids[: len(prompt_ids)] == prompt_ids  # the answer does not merge into the prompt's last token
         answer_id = text_ids[len(prompt_ids)]
         assert answer_id == letter_ids["ABCD".index(row["answer"])], (family, row["answer"])
+
+
+def test_a_mistral_architecture_model_loads_through_load_model():
+    """transformers routes a Mistral-architecture model's tokenizer through mistral-common whenever that package is
+    installed; installed without its dependencies (as a carrier of tokenizer files) it failed on `tiktoken`. The test
+    assets are now read from downloaded wheels, so the plain path a user takes must work."""
+    model_dir = testing.tiny_model_dir("mistral", hidden_size=32, num_layers=1, tokenizer="mistral-v3")
+    model, tokenizer = llmft.load_model(str(model_dir), max_seq_length=128, lora_r=4)
+    assert model.config.model_type == "mistral" and hasattr(model, "peft_config")
+    reference = testing.real_tokenizer("mistral-v3")
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert text == "<s>[INST] What is 2+2? [/INST]It is 4.</s>"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference(text, add_special_tokens=False)[
+        "input_ids"]
+    reply = llmft.generate_response(model, tokenizer, chat[:1], do_sample=False, max_new_tokens=3)
+    assert isinstance(reply, str)
+
+
+def test_a_missing_tokenizer_wheel_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMFT_TEST_ASSETS", str(tmp_path / "wheels"))
+    with pytest.raises(FileNotFoundError, match=r"no mistral-common==1\.13\.1 wheel in .*wheels \(found: none\)\. "
+                                                r"Download the pinned wheels: .*fetch_real_tokenizers\(\)"):
+        testing.real_tokenizer_dir("mistral-v3")

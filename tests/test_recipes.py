@@ -153,3 +153,25 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
     split = _recipe_file(tmp_path, path.read_text().replace("eval_rows: 0", "split: test"))
     with pytest.raises(ValueError, match=r"data.split='test': .*rows.jsonl: .*train"):
         recipes.run_recipe(split, "train", smoke=False)
+
+
+def test_command_line_overrides_win_over_the_file_and_its_smoke_section(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the smoke section writes to outputs/01_sft_smoke
+    recipe = str(REPO / "recipes" / "01_sft.yaml")
+    assert main(["train", recipe, "--smoke", "--max_steps", "3", "--learning_rate=1e-3", "--model.lora_r", "4",
+                 "--eval_steps", "3", "--save_steps", "3"]) == 0
+    out = tmp_path / "outputs" / "01_sft_smoke"
+    saved = json.loads((out / "llmft_config.json").read_text())["options"]
+    assert saved["max_steps"] == 3 and saved["learning_rate"] == 1e-3  # "1e-3" read as a number
+    assert json.loads((out / "recipe.json").read_text())["model"]["lora_r"] == 4
+    assert json.loads((out / "adapters" / "adapter_config.json").read_text())["r"] == 4
+
+    for args, message in ((["--learning_rte", "1e-3"], "'learning_rte' (did you mean 'learning_rate'?)"),
+                          (["--model.lora_rank", "4"], "'lora_rank' (did you mean 'lora_r'?)"),
+                          (["--learning_rate", "abc"], "learning_rate"),
+                          (["--max_steps"], "--max_steps needs a value")):
+        capsys.readouterr()
+        assert main(["train", recipe, "--smoke", *args]) == 2  # before anything loads
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the demos take no overrides
+        main(["sft-demo", "--learning_rate", "1"])

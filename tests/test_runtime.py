@@ -95,6 +95,8 @@ def test_preflight_on_a_cpu_says_which_opt_in_allowed_it_or_that_none_did(no_opt
     info = runtime.preflight(force=True)
     assert "CPU (no CUDA GPU; LLMFT_ALLOW_CPU=1 set: on the CPU on purpose)" in info["line"] and not info["notes"]
     monkeypatch.delenv("LLMFT_ALLOW_CPU")
+    info = runtime.preflight(force=True, allow_cpu=True)  # what load_model(..., allow_cpu=True) passes on
+    assert "CPU (no CUDA GPU; allow_cpu=True: on the CPU on purpose)" in info["line"] and not info["notes"]
     monkeypatch.setenv("LLMFT_SMOKE", "1")
     assert "CPU (no CUDA GPU; smoke mode (LLMFT_SMOKE=1)" in runtime.preflight(force=True)["line"]
 
