@@ -164,9 +164,11 @@ class DistillConfig:
     def __post_init__(self):
         coerce_numbers(self)
         if self.weight < 0:
-            raise ConfigError("distill.weight", self.weight, "need weight >= 0 (0.3 is a good start; 0: no KL term)")
+            raise ConfigError("distill.weight", self.weight,
+                              "DistillConfig needs weight >= 0 (0.3 is a good start; 0: no KL term)")
         if self.temperature <= 0:
-            raise ConfigError("distill.temperature", self.temperature, "need temperature > 0 (1.0: unsoftened)")
+            raise ConfigError("distill.temperature", self.temperature,
+                              "DistillConfig needs temperature > 0 (1.0: unsoftened)")
 
     @classmethod
     def coerce(cls, value) -> "DistillConfig | None":

@@ -424,7 +424,10 @@ def _kill_job(mark):
 
 
 LONG = {"max_steps": 100000, "eval_steps": 100000, "early_stopping_patience": None}
-PARENT = "import sys, llmft; llmft.torchrun_recipe(sys.argv[1], 'train', smoke=True)"
+# a notebook kernel turns SIGINT (Jupyter's interrupt) into KeyboardInterrupt whatever it inherited: a job started with
+# `&` by a non-interactive shell (as CI may start the suite) inherits SIGINT ignored, which Python would keep
+PARENT = ("import signal, sys, llmft; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "llmft.torchrun_recipe(sys.argv[1], 'train', smoke=True)")
 
 
 @pytest.mark.slow
