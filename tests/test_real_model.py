@@ -98,7 +98,7 @@ def sft(smol, tmp_path_factory):
     trainer = llmft.build_trainer(
         model, tokenizer, train, held, output_dir=str(run.dir), max_steps=12, per_device_train_batch_size=4,
         gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=2, eval_steps=6, save_steps=6,
-        logging_steps=1, probes=[llmft.ProbeCallback([run.probe], max_items=LIVE_PROBE_ITEMS, max_new_tokens=6)],
+        logging_steps=1, probes=llmft.ProbeCallback([run.probe], max_items=LIVE_PROBE_ITEMS, max_new_tokens=6),
         retain={run.probe.name: 0.5}, retain_patience=None, early_stopping_patience=None, keep_best=1,
         verbose=False, disable_tqdm=True)
     run.eval_before = trainer.evaluate()["eval_loss"]
