@@ -24,7 +24,7 @@ def test_notebook_is_committed_clean(path):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code)
     text = path.read_text()
-    assert f"colab.research.google.com/github/" in text and f"notebooks/{path.name}" in text  # Open-in-Colab badge
+    assert "colab.research.google.com/github/" in text and f"notebooks/{path.name}" in text  # Open-in-Colab badge
     assert "testing.smoke_mode()" in text  # the single smoke switch
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", text)  # no hub tokens
 
