@@ -654,6 +654,13 @@ def _fix_special_tokens(tokenizer, model, source: RealModelSource, name: str) ->
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF tokenizer says 1e30
     tokenizer.clean_up_tokenization_spaces = False  # as the hub tokenizer: decode "a ," as is
+    # transformers' rebuild from GGUF splits text as the hub tokenizer does but adds byte_fallback and a
+    # SentencePiece-style decoder, which make llama.cpp's converter write a SentencePiece vocabulary (llmft.export
+    # reports that): set them as on the hub, a byte-level BPE
+    from tokenizers import decoders
+
+    tokenizer.backend_tokenizer.model.byte_fallback = False
+    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     for config in (model.config, model.generation_config):
@@ -727,6 +734,9 @@ def _convert_real_model(out: Path, name: str) -> None:
         "convert_seconds": round(time.time() - start, 1)}, indent=2) + "\n")
 
 
+_REAL_MODEL_BUILDER = 2  # bump when _convert_real_model changes, so stale conversions are not reused
+
+
 def real_model_dir(name: str = "smollm2") -> Path:
     """Directory of a real pretrained model (``"smollm2"``: SmolLM2-135M-Instruct, see :data:`REAL_MODELS`) in hub
     layout (float32 safetensors, tokenizer with the fixed special tokens and the ChatML template): load it with
@@ -738,6 +748,7 @@ def real_model_dir(name: str = "smollm2") -> Path:
         raise ValueError(f"real_model_dir({name!r}): unknown; use one of {sorted(REAL_MODELS)}")
     spec = {"name": name, **dataclasses.asdict(REAL_MODELS[name])}
     spec.pop("result_sha256")  # checked when it is built; the cache key is what it is built from
+    spec["builder"] = _REAL_MODEL_BUILDER
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     target = real_model_cache() / "real-models" / f"{name}-{digest}"
     return _build_atomically(target, lambda tmp: _convert_real_model(tmp, name))
