@@ -41,8 +41,8 @@ from llmft.models import pick_dtype  # noqa: E402
 from llmft.environment import is_main_process  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
-__all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "latest_checkpoint",
-           "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
+__all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "resume_checkpoint",
+           "latest_checkpoint", "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
 
 PROMPT_COMPLETION = "prompt/completion"
 
@@ -147,6 +147,8 @@ class TrainerMixin:
     - ``llmft_options``: the :mod:`llmft.configs` options the trainer was built with (None when built by hand).
     - :meth:`create_optimizer` (transformers' hook) first restores the adapters' training dtype after a resume
       (:class:`llmft.callbacks.KeepAdapterDtype`), before the model is wrapped for DDP.
+    - :meth:`train` resumes as :func:`llmft.train` does: ``trainer.train(resume_from_checkpoint=True | "auto" |
+      path)``, TRL's and Unsloth's spelling, skips incomplete checkpoints and reloads the DPO policy adapter.
     """
 
     def __init__(self, *args, lr_schedule=None, **kwargs):
@@ -154,6 +156,23 @@ class TrainerMixin:
         self.llmft_reports: dict = {}
         self.llmft_options = None
         super().__init__(*args, **kwargs)
+
+    def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        """transformers' ``Trainer.train``, resuming as :func:`llmft.train` does: ``resume_from_checkpoint=True`` the
+        newest *complete* checkpoint in ``output_dir`` (one a kill or a full disk left incomplete is skipped, naming
+        why; an error when there is none), ``"auto"`` the same or a fresh start when there is none, a path that
+        checkpoint (refused when incomplete), ``None``/``False`` a fresh start. Beyond transformers' own resume: the
+        DPO policy adapter is reloaded, the adapters keep their training dtype, the running loss and token totals
+        carry over, and a full disk is reported as such."""
+        return self._train_resuming(resume_from_checkpoint, f"{type(self).__name__}.train(resume_from_checkpoint",
+                                    f"{type(self).__name__}.train", trial=trial,
+                                    ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _train_resuming(self, resume, caller: str, who: str, **kwargs):
+        checkpoint = resume_checkpoint(self.args.output_dir, resume, caller)
+        return _train_from(self, checkpoint, lambda c: super(TrainerMixin, self).train(resume_from_checkpoint=c,
+                                                                                        **kwargs), who)
 
     def create_optimizer(self, *args, **kwargs):
         # Resuming, transformers has just loaded the checkpoint's adapters (PEFT upcasts them) and wraps the model for
@@ -695,6 +714,52 @@ def _no_space_error(trainer, exc: BaseException) -> OSError | None:
                                  f"in the same output_dir it {then}.")
 
 
+def resume_checkpoint(output_dir, resume, caller: str = "llmft.train(resume") -> str | None:
+    """The checkpoint a run resumes from: ``"auto"`` the newest complete one in ``output_dir`` or None; ``True`` the
+    newest complete one (an error when there is none); a path that checkpoint, refused (naming the broken file) when a
+    kill or a full disk left it incomplete; ``False``/``None``: None (start fresh). ``caller`` (e.g.
+    ``"llmft.train(resume"``) names the argument in the errors."""
+    if resume is None or resume is False:
+        return None
+    if resume in ("auto", True):
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None and resume is True:
+            raise FileNotFoundError(f"{caller}=True): no complete checkpoint-* in {output_dir}; use 'auto' to start "
+                                    "fresh when there is none")
+        return checkpoint
+    if not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"{caller}={resume!r}): give 'auto', True, False/None or a checkpoint folder")
+    checkpoint = str(resume)
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"{caller}={checkpoint!r}): no such checkpoint folder")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        newest = latest_checkpoint(Path(checkpoint).parent, verbose=False)
+        hint = (f"resume from {newest} (the newest complete one)" if newest and newest != checkpoint
+                else "start fresh with False")
+        raise FileNotFoundError(f"{caller}={checkpoint!r}): not a complete checkpoint: {problem}; {hint}, or 'auto' "
+                                "to take the newest complete one")
+    return checkpoint
+
+
+def _train_from(trainer, checkpoint: str | None, run, who: str):
+    """Run ``run(checkpoint)`` (a trainer's own ``train``) after what a resume needs beyond transformers' own: the
+    DPO policy adapter at the checkpoint's root (:func:`_load_root_adapter`), CPU storages tagged ``cpu:N`` under
+    several processes; a full disk becomes the ``OSError`` of :func:`_no_space_error`."""
+    if checkpoint:
+        say(f"{who}: resuming from {checkpoint}")
+        _load_root_adapter(trainer, checkpoint)
+        if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
+            _allow_indexed_cpu_map_location()
+    try:
+        return run(checkpoint)
+    except Exception as exc:
+        no_space = _no_space_error(trainer, exc)
+        if no_space is None:
+            raise
+        raise no_space from exc
+
+
 def train(trainer, resume: bool | str | None = "auto"):
     """Train, resuming after a disconnect: ``resume="auto"`` continues from the newest complete checkpoint in the
     trainer's ``output_dir`` when there is one (optimizer, scheduler, RNG, callback state and the metrics CSV all carry
@@ -702,37 +767,15 @@ def train(trainer, resume: bool | str | None = "auto"):
     ``False``/``None`` always starts fresh. Under torchrun every process resumes from the same checkpoint (its own RNG
     state included).
 
+    On llmft's trainers this is ``trainer.train(resume_from_checkpoint=resume)`` (:meth:`TrainerMixin.train`, the
+    same resume in TRL's spelling); other transformers trainers get the same checks and fixes here.
+
     A checkpoint a kill or a full disk left incomplete (see :func:`checkpoint_problem`) is skipped with a warning naming
     it and why; a path to one is refused, naming the file. The ``train_loss`` returned and logged, and TRL's token
     counts, are the whole run's (:class:`RunningTotals`). A full disk stops training with an ``OSError`` (ENOSPC)
     saying where, how much is free and about how much a checkpoint needs, and removes the checkpoint it left
     half-written."""
-    checkpoint = None
-    if resume in ("auto", True):
-        checkpoint = latest_checkpoint(trainer.args.output_dir)
-        if checkpoint is None and resume is True:
-            raise FileNotFoundError(f"train(resume=True): no complete checkpoint-* in {trainer.args.output_dir}; "
-                                    "use resume='auto' to start fresh when there is none")
-    elif isinstance(resume, (str, os.PathLike)):
-        checkpoint = str(resume)
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"train(resume={checkpoint!r}): no such checkpoint folder")
-        problem = checkpoint_problem(checkpoint)
-        if problem:
-            newest = latest_checkpoint(Path(checkpoint).parent, verbose=False)
-            hint = (f"resume from {newest} (the newest complete one)" if newest and newest != checkpoint
-                    else "start fresh with resume=False")
-            raise FileNotFoundError(f"train(resume={checkpoint!r}): not a complete checkpoint: {problem}; {hint}, "
-                                    "or resume='auto' to take the newest complete one")
-    if checkpoint:
-        say(f"llmft.train: resuming from {checkpoint}")
-        _load_root_adapter(trainer, checkpoint)
-        if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
-            _allow_indexed_cpu_map_location()
-    try:
-        return trainer.train(resume_from_checkpoint=checkpoint)
-    except Exception as exc:
-        no_space = _no_space_error(trainer, exc)
-        if no_space is None:
-            raise
-        raise no_space from exc
+    if isinstance(trainer, TrainerMixin):
+        return trainer._train_resuming(resume, "llmft.train(resume", "llmft.train")
+    checkpoint = resume_checkpoint(trainer.args.output_dir, resume)
+    return _train_from(trainer, checkpoint, lambda c: trainer.train(resume_from_checkpoint=c), "llmft.train")
