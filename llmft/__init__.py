@@ -29,7 +29,7 @@ _EXPORTS = {
     "runtime": ("output_dir", "previous_adapters", "preflight", "NoGPUError"),
     "recipes": ("torchrun_recipe",),
     "analysis": ("intruder_dimensions", "plot_intruders", "reduce_intruders", "repair_sweep"),
-    "trainers": ("build_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
+    "trainers": ("build_trainer", "build_sft_trainer", "build_dpo_trainer", "train", "attach_training_control", "DistillConfig",
                  "DistillSFTTrainer"),
     "configs": ("SFTOptions", "DPOOptions", "TrainingControlConfig"),
     "experiments": ("run_experiment",),

@@ -14,6 +14,11 @@ The CodeMMLU report fine-tuned on multiple-choice questions and found that 0.2 e
    2024).
 4. Every run is scored on the probe (117 windows) and the held-out questions (against the majority baseline); the
    summary gives mean and standard deviation over seeds, the learning-vs-forgetting frontier and the forgetting curve.
+
+``--model smollm2`` runs the same table on a real pretrained model, SmolLM2-135M-Instruct in 4-bit
+(:func:`llmft.testing.real_model_dir`): the probe is then the knowledge probe calibrated on that base
+(:func:`llmft.probes.calibrate_probe`: the simple sequences and well-known facts the base answers right), so a run's
+probe accuracy is its retention, the share of what the base knew that it still knows.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import gc
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmft import testing
@@ -46,17 +52,49 @@ LOAD_OPTIONS = dict(max_seq_length=256, lora_r=16, load_in_4bit=False, use_gradi
 THREADS = 2  # 60 steps: 3.3 s on 2 threads vs 4.0 s on 1 (idle 2-core machine); pinned so the numbers do not move
 
 
-def run_forgetting_demo(output_dir: str = "llmft_demo", *, pretrain_steps: int = 600, mcq_rows: int = 472,
-                        seeds=SEEDS, learning_rate: float = 2e-3, batch_size: int = 4, runs=RUNS,
-                        probe_items: int | None = None, verbose: bool = True) -> dict:
+@dataclass(frozen=True)
+class DemoModel:
+    """What the demo's bases differ in; everything else (runs, seeds, task, checks) is shared."""
+
+    title: str  # the summary's heading
+    load_options: dict
+    learning_rate: float
+    batch_size: int
+    mcq_rows: int
+    probe_label: str  # the probe column's name in the summary
+    seeds: tuple
+
+
+DEMO_MODELS = {
+    "tiny": DemoModel("a tiny model", LOAD_OPTIONS, 2e-3, 4, 472, "Fibonacci probe", SEEDS),
+    # 4-bit QLoRA as on a T4; the calibrated probe's accuracy is the retention of what the base knew
+    "smollm2": DemoModel("SmolLM2-135M-Instruct (4-bit)", dict(max_seq_length=256, lora_r=16), 1e-3, 8, 160,
+                         "knowledge retained", SEEDS[:2]),
+}
+SMOLLM2_PROBE_CANDIDATES = 2  # calibrate every 2nd candidate of the knowledge probe (~300): ~2 min on 2 cores
+SMOLLM2_PROBE_ITEMS = 60  # score at most this many calibrated items per run (a step of 1.7%)
+
+
+def run_forgetting_demo(output_dir: str = "llmft_demo", *, model: str = "tiny", pretrain_steps: int = 600,
+                        mcq_rows: int | None = None, seeds=None, learning_rate: float | None = None,
+                        batch_size: int | None = None, runs=RUNS, probe_items: int | None = None,
+                        verbose: bool = True) -> dict:
     """The main job: see the module docstring. Returns the results written to ``output_dir/results.json``.
-    ``mcq_rows`` training questions (1 epoch = ``mcq_rows / batch_size`` steps); ``probe_items`` limits the
-    Fibonacci probe to its first items (all 117 by default); ``pretrain_steps`` other than 600 builds another base."""
+    ``model``: ``"tiny"`` (the shipped tiny base, about two minutes) or ``"smollm2"`` (SmolLM2-135M-Instruct in
+    4-bit, see :data:`DEMO_MODELS`). ``mcq_rows`` training questions (1 epoch = ``mcq_rows / batch_size`` steps),
+    ``learning_rate``, ``batch_size`` and ``seeds``: None takes the model's setting; ``probe_items`` limits the probe
+    to its first items (tiny: the Fibonacci probe's 117; smollm2: the calibrated items, 60 by default);
+    ``pretrain_steps`` other than 600 builds another tiny base."""
+    if model not in DEMO_MODELS:
+        raise ValueError(f"run_forgetting_demo(model={model!r}): use one of {sorted(DEMO_MODELS)}")
+    setup = DEMO_MODELS[model]
     # Same numbers on bf16 and fp32 CPUs: fp32 is not slower for models this small (GUIDE §7).
     with pinned_cpu_precision(bf16=False, threads=THREADS) as pinned, quiet_libraries(), _frozen_heap():
-        return _forgetting_demo(output_dir, pretrain_steps=pretrain_steps, mcq_rows=mcq_rows, seeds=list(seeds),
-                                learning_rate=learning_rate, batch_size=batch_size, runs=runs,
-                                probe_items=probe_items, verbose=verbose, pinned=pinned)
+        return _forgetting_demo(output_dir, model=model, setup=setup, pretrain_steps=pretrain_steps,
+                                mcq_rows=mcq_rows or setup.mcq_rows, seeds=list(seeds or setup.seeds),
+                                learning_rate=learning_rate or setup.learning_rate,
+                                batch_size=batch_size or setup.batch_size, runs=runs, probe_items=probe_items,
+                                verbose=verbose, pinned=pinned)
 
 
 @contextlib.contextmanager
@@ -73,23 +111,45 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_rate, batch_size, runs, probe_items,
-                     verbose, pinned) -> dict:
+def _base_and_probe(model_name: str, setup: DemoModel, *, pretrain_steps, probe_items, seed, verbose):
+    """The demo's base loaded with its LoRA adapter, and its probe: the Fibonacci probe for the tiny base; for a real
+    model the knowledge probe calibrated on it (the items the base answers right)."""
+    from llmft import probes
+    from llmft.models import load_model
+
+    if model_name == "tiny":
+        base_dir = testing.pretrained_base(pretrain_steps, verbose=verbose)
+        say("[1/4] loading the tiny pretrained base and the sequence questions", verbose)
+        model, tokenizer = load_model(str(base_dir), **setup.load_options, seed=seed)
+        return base_dir, model, tokenizer, probes.fibonacci_probe(max_items=probe_items)
+    base_dir = testing.real_model_dir(model_name)
+    say(f"[1/4] loading {setup.title}, calibrating the knowledge probe on it, and the sequence questions", verbose)
+    model, tokenizer = load_model(str(base_dir), **setup.load_options, seed=seed)
+    candidates = probes.knowledge_probe("raw")
+    candidates = candidates.subset(range(0, len(candidates.prompts), SMOLLM2_PROBE_CANDIDATES))
+    with model.disable_adapter():
+        probe, _ = probes.calibrate_probe(model, tokenizer, candidates, max_new_tokens=6, progress=verbose)
+    calibration = probe.calibration
+    kept, scored = len(probe.prompts), min(len(probe.prompts), probe_items or SMOLLM2_PROBE_ITEMS)
+    probe = probe.subset(sorted({i * kept // scored for i in range(scored)}))  # evenly spread: sequences and facts
+    probe.calibration = {**calibration, "scored": len(probe.prompts)}
+    return base_dir, model, tokenizer, probe
+
+
+def _forgetting_demo(output_dir, *, model, setup, pretrain_steps, mcq_rows, seeds, learning_rate, batch_size, runs,
+                     probe_items, verbose, pinned) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     from llmft import data
-    from llmft.models import load_model
     from llmft import callbacks, mcq, plots, probes
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base_dir = testing.pretrained_base(pretrain_steps, verbose=verbose)
-    probe = probes.fibonacci_probe(max_items=probe_items)
-
-    say("[1/4] loading the tiny pretrained base and the sequence questions", verbose)
-    model, tokenizer = load_model(str(base_dir), **LOAD_OPTIONS, seed=seeds[0])
+    model_name = model
+    base_dir, model, tokenizer, probe = _base_and_probe(model_name, setup, pretrain_steps=pretrain_steps,
+                                                        probe_items=probe_items, seed=seeds[0], verbose=verbose)
     rows = data.mcq_rows(testing.tiny_sequence_mcq("train", mcq_rows), eos_token=tokenizer.eos_token, verbose=False)
     val = data.mcq_rows(testing.tiny_sequence_mcq("val"), eos_token=tokenizer.eos_token, verbose=False)
     baseline_letter, baseline = mcq.majority_baseline(list(val["answer"]))
@@ -108,7 +168,7 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
         f"scored; the 1-epoch adapters repaired at λ = {', '.join(map(str, REPAIR_LAMBDAS))}", verbose)
     experiment = run_experiment(
         str(base_dir), variants, rows, val.select(range(16)),
-        output_dir=str(out / "runs"), load_options={**LOAD_OPTIONS, "seed": seeds[0]}, loaded=(model, tokenizer),
+        output_dir=str(out / "runs"), load_options={**setup.load_options, "seed": seeds[0]}, loaded=(model, tokenizer),
         trainer_options=dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
                              learning_rate=learning_rate, warmup_steps=5, early_stopping_patience=None, keep_best=0,
                              save_strategy="no", eval_steps=max(1, steps_per_epoch // 6), disable_tqdm=not verbose,
@@ -123,11 +183,11 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     figures = {"frontier": str(out / "frontier.png"), "forgetting_curve": str(out / "forgetting_curve.png")}
     plots.plot_frontier(summary, "mcq_accuracy", "probe_accuracy", figures["frontier"], baseline=baseline,
                         x_label="held-out MCQ accuracy (task learned)",
-                        y_label=f"Fibonacci probe accuracy ({len(probe.prompts)} items, skill kept)",
+                        y_label=f"{setup.probe_label} ({len(probe.prompts)} items, skill kept)",
                         title="Learning vs forgetting (mean ± 1 sd over seeds)")
     curve_dirs = table.loc[(table["run"] == CURVE_RUN), "output_dir"].tolist()
     probes.plot_probe_curves({CURVE_RUN: curve_dirs}, probe.name, figures["forgetting_curve"],
-                            title="Live Fibonacci probe (32 windows) during 1 epoch: mean, min-max over seeds")
+                            title=f"Live {setup.probe_label} (32 items) during 1 epoch: mean, min-max over seeds")
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -135,8 +195,10 @@ def _forgetting_demo(output_dir, *, pretrain_steps, mcq_rows, seeds, learning_ra
     say("[4/4] summary", verbose)
     import pandas as pd
 
-    checks = _checks(summary, baseline)
-    results = {"precision": pinned, "probe_items": len(probe.prompts), "mcq_train_rows": len(rows),
+    checks = _checks(summary, baseline, setup.probe_label)
+    results = {"model": model_name, "title": setup.title, "probe_label": setup.probe_label,
+               "probe_calibration": probe.calibration, "precision": pinned, "probe_items": len(probe.prompts),
+               "mcq_train_rows": len(rows),
                "mcq_val_rows": len(val), "seeds": seeds, "batch_size": batch_size, "learning_rate": learning_rate,
                "majority_baseline": {"letter": baseline_letter, "accuracy": baseline},
                "summary": json.loads(summary.to_json(orient="records")),
@@ -159,7 +221,7 @@ def _row(summary, run: str) -> dict:
     return summary[summary["run"] == run].iloc[0].to_dict()
 
 
-def _checks(summary, baseline: float) -> dict:
+def _checks(summary, baseline: float, probe_label: str = "Fibonacci probe") -> dict:
     """The two claims the demo tests, each against the spread across seeds (1 sd)."""
     base, short, full = _row(summary, BASE_RUN), _row(summary, "0.2 epoch"), _row(summary, CURVE_RUN)
     return {
@@ -172,7 +234,7 @@ def _checks(summary, baseline: float) -> dict:
             "margin": round(full["mcq_accuracy_mean"] - baseline, 4), "sd": round(full["mcq_accuracy_sd"], 4),
             "holds": bool(full["mcq_accuracy_mean"] - baseline > full["mcq_accuracy_sd"])},
         "full_run_forgot": {
-            "what": "1-epoch Fibonacci probe below the base's by more than its sd across seeds",
+            "what": f"1-epoch {probe_label} below the base's by more than its sd across seeds",
             "margin": round(base["probe_accuracy_mean"] - full["probe_accuracy_mean"], 4),
             "sd": round(full["probe_accuracy_sd"], 4),
             "holds": bool(base["probe_accuracy_mean"] - full["probe_accuracy_mean"] > full["probe_accuracy_sd"])},
@@ -196,14 +258,20 @@ def _versus(summary, reference: str) -> list[dict]:
 def _summary_markdown(summary, results: dict) -> str:
     pinned, baseline = results["precision"], results["majority_baseline"]
     n_seeds, checks = len(results["seeds"]), results["checks"]
-    lines = ["# Learning vs forgetting on a tiny model (python -m llmft demo)", "",
+    label, calibration = results.get("probe_label", "Fibonacci probe"), results.get("probe_calibration")
+    model = results.get("model", "tiny")
+    command = "python -m llmft demo" + (f" --model {model}" if model != "tiny" else "")
+    probe_text = (f"{label}: {results['probe_items']} of the {calibration['kept']} items the base answered right "
+                  f"among {calibration['candidates']} simple-sequence and well-known-fact candidates (base accuracy "
+                  f"{calibration['base_accuracy']:.2f}), so the base scores 1.00 by construction"
+                  if calibration else f"Fibonacci probe {results['probe_items']} windows")
+    lines = [f"# Learning vs forgetting on {results.get('title', 'a tiny model')} ({command})", "",
              "**The CodeMMLU report's claim**: fine-tuning on multiple-choice questions for 0.2 epoch beat 1 epoch on "
              "the task (0.64 vs 0.55) while the longer run forgot what the model knew (the Fibonacci prompt).", "",
              f"**Measured** (mean ± sd over {n_seeds} seeds; {results['mcq_train_rows']} training questions, batch "
              f"{results['batch_size']}, lr {results['learning_rate']}; {results['mcq_val_rows']} held-out questions, "
-             f"majority answer '{baseline['letter']}' = {baseline['accuracy']:.2f}; Fibonacci probe "
-             f"{results['probe_items']} windows):", "",
-             "| run | steps | Fibonacci probe | MCQ accuracy | train time (s) |", "|---|---|---|---|---|"]
+             f"majority answer '{baseline['letter']}' = {baseline['accuracy']:.2f}; {probe_text}):", "",
+             f"| run | steps | {label} | MCQ accuracy | train time (s) |", "|---|---|---|---|---|"]
     for r in summary.to_dict("records"):
         lines.append(f"| {r['run']} | {r['steps_mean']:.0f} | {r['probe_accuracy_mean']:.2f} ± "
                      f"{r['probe_accuracy_sd']:.2f} | {r['mcq_accuracy_mean']:.2f} ± {r['mcq_accuracy_sd']:.2f} | "
@@ -215,14 +283,15 @@ def _summary_markdown(summary, results: dict) -> str:
     lines += ["", f"**Against the {CURVE_RUN} run** (difference of means; \"within the spread\" when it is not larger "
               "than the larger sd of the two):", ""]
     for item in results["versus_1_epoch"]:
-        parts = [f"{label} {item[key]['delta']:+.2f}" + ("" if item[key]["beyond_spread"] else " (within the spread)")
-                 for label, key in (("Fibonacci probe", "probe_accuracy"), ("MCQ accuracy", "mcq_accuracy"))]
+        parts = [f"{name} {item[key]['delta']:+.2f}" + ("" if item[key]["beyond_spread"] else " (within the spread)")
+                 for name, key in ((label, "probe_accuracy"), ("MCQ accuracy", "mcq_accuracy"))]
         lines.append(f"- {item['run']}: " + ", ".join(parts))
-    lines += ["", "**Caveats**: a 0.8M-parameter model and a synthetic task, not CodeMMLU; the repair row is the "
+    scale = ("a 135M-parameter model in 4-bit" if calibration else "a 0.8M-parameter model")
+    lines += ["", f"**Caveats**: {scale} and a synthetic task, not CodeMMLU; the repair row is the "
               "λ the sweep chose per seed (largest probe gain within 0.02 of the task score; "
               f"λ ∈ {list(REPAIR_LAMBDAS)}). "
               + ("The 0.2-epoch run did not learn the task here: the report's first claim is not reproduced at this "
-                 "scale (the tiny model needs about 100 steps to learn the mapping). "
+                 "scale. "
                  if not checks["short_run_learned"]["holds"] else "")
               + (f"Computed in {pinned['compute_dtype']} with {pinned['threads']} CPU thread(s), pinned so that bf16 "
                  "and fp32 CPUs give the same numbers (CPUs with other instruction sets may still differ slightly)."

@@ -41,7 +41,7 @@ from llmft.models import pick_dtype  # noqa: E402
 from llmft.environment import is_main_process  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
 
-__all__ = ["build_trainer", "build_dpo_trainer", "attach_training_control", "train", "resume_checkpoint",
+__all__ = ["build_trainer", "build_sft_trainer", "build_dpo_trainer", "attach_training_control", "train", "resume_checkpoint",
            "latest_checkpoint", "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
 
 PROMPT_COMPLETION = "prompt/completion"
@@ -347,6 +347,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
 
 
 _keyword_signature(build_trainer, SFTOptions, "sft_config")
+build_sft_trainer = build_trainer  # the same function, named as build_dpo_trainer is
 
 
 def _response_positions(labels):

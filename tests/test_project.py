@@ -66,7 +66,8 @@ def test_public_api():
 
 
 def test_demo_help_explains_options(capsys):
-    for command, options in (("demo", ("--pretrain-steps", "--mcq-rows", "--seed", "--output-dir")),
+    demo_options = ("--model", "smollm2", "--pretrain-steps", "--mcq-rows", "--seed", "--output-dir")
+    for command, options in (("demo", demo_options),
                              ("sft-demo", ("--max-steps", "--seed", "--output-dir", "--arch"))):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
@@ -116,6 +117,45 @@ def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     assert "- 1 epoch + KD: Fibonacci probe " in summary
     for name in ("frontier.png", "forgetting_curve.png", "probe_answers.csv"):
         assert (out / name).exists(), name
+
+def test_demo_bases_on_the_command_line_are_the_demos():
+    from llmft.__main__ import DEMO_BASES
+    from llmft.demo import DEMO_MODELS
+
+    assert DEMO_BASES == tuple(DEMO_MODELS)
+    with pytest.raises(ValueError, match=r"model='gpt2'\): use one of \['smollm2', 'tiny'\]"):
+        llmft.demo.run_forgetting_demo(model="gpt2")
+
+
+def test_real_model_summary_names_the_calibrated_probe():
+    """The summary of ``python -m llmft demo --model smollm2`` (its numbers are in README): the probe column is the
+    retention of what the base knew, and the calibration is stated."""
+    import pandas as pd
+
+    from llmft.demo import _checks, _summary_markdown, _versus
+    from llmft.experiments import summarize
+
+    runs = ["base (no fine-tuning)", "0.2 epoch", "1 epoch", "1 epoch + KD"]
+    table = pd.DataFrame({"run": runs[:1] + [r for r in runs[1:] for _ in (0, 1)],
+                          "probe_accuracy": [1.0, 0.98, 0.96, 0.80, 0.84, 0.95, 0.93],
+                          "mcq_accuracy": [0.3, 0.31, 0.33, 0.6, 0.62, 0.55, 0.57], "steps": [0, 4, 4, 20, 20, 20, 20],
+                          "train_seconds": [0, 8, 8, 40, 40, 50, 50]})
+    summary = summarize(table, ["probe_accuracy", "mcq_accuracy", "steps", "train_seconds"])
+    label = "knowledge retained"
+    results = {"model": "smollm2", "title": "SmolLM2-135M-Instruct (4-bit)", "probe_label": label,
+               "probe_calibration": {"kept": 140, "candidates": 300, "base_accuracy": 0.4667, "scored": 60},
+               "precision": {"device": "cpu", "compute_dtype": "float32", "threads": 2}, "probe_items": 60,
+               "mcq_train_rows": 160, "mcq_val_rows": 100, "seeds": [3407, 1], "batch_size": 8,
+               "learning_rate": 1e-3, "majority_baseline": {"letter": "A", "accuracy": 0.35},
+               "checks": _checks(summary, 0.35, label), "versus_1_epoch": _versus(summary, "1 epoch")}
+    text = _summary_markdown(summary, results)
+    assert text.startswith("# Learning vs forgetting on SmolLM2-135M-Instruct (4-bit) (python -m llmft demo --model "
+                           "smollm2)")
+    assert "knowledge retained: 60 of the 140 items the base answered right among 300" in text
+    assert "| run | steps | knowledge retained | MCQ accuracy |" in text and "a 135M-parameter model" in text
+    assert "- 1-epoch knowledge retained below the base's by more than its sd across seeds: yes" in text
+    assert "- 1 epoch + KD: knowledge retained +0.12, MCQ accuracy -0.05" in text
+
 
 def test_forgetting_demo_compares_runs_against_the_spread():
     import pandas as pd
