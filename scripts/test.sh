@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, as CI runs it (the README's test command):
 #   bash scripts/test.sh               both tiers, fast and slow (notebooks, two-process jobs, installs, demos,
-#                                      kill-and-resume); the real-model tier (marker real_model) is opt-in for now:
-#                                      python -m pytest -m real_model
+#                                      kill-and-resume, and the real-model tier: SmolLM2-135M-Instruct in 4-bit,
+#                                      marker real_model; alone: python -m pytest -m real_model)
 #   bash scripts/test.sh --fast        the fast tier only: the developer's loop (same as a plain `python -m pytest`,
 #                                      plus the second precision pass)
 #   bash scripts/test.sh [--fast] ARGS extra pytest arguments, e.g. -k resume, -x
@@ -12,7 +12,7 @@
 # pass prints its 15 slowest tests and its summary line with its time; the script fails if either pass fails.
 # Every test has a timeout (pyproject.toml, pytest-timeout): a hang fails with the test's name.
 set -uo pipefail
-tier="not wheelhouse and not real_model"
+tier="not wheelhouse"
 if [ "${1:-}" = "--fast" ]; then
   tier="not slow and not wheelhouse and not real_model"
   shift
