@@ -4,9 +4,12 @@ As TRL's ``SFTConfig``: a dataclass per concept, each field with ``metadata={"he
 
 - :class:`TrainingControlConfig`: metrics CSV, best checkpoint, early stopping, weight-decay ramp, LR schedule
   (:func:`llmft.attach_training_control`);
-- :class:`SFTOptions` / :class:`DPOOptions`: everything :func:`llmft.build_trainer` / :func:`llmft.build_dpo_trainer`
-  take as keywords (the control fields included), with their own defaults where SFT and DPO differ;
-- :class:`DistillConfig`: knowledge distillation against forgetting (:class:`llmft.trainers.DistillSFTTrainer`).
+- :class:`SFTRunConfig` / :class:`DPORunConfig` (first named ``SFTOptions`` / ``DPOOptions``, still aliases): llmft's
+  fields of a run (the control fields included), with their own defaults where SFT and DPO differ. The trainers'
+  config, :class:`llmft.trl_configs.LlmftSFTConfig` / ``LlmftDPOConfig``, is TRL's ``SFTConfig`` / ``DPOConfig`` with
+  these fields; kept here apart so they import without torch (``--help``, recipe checks, Kaggle tooling);
+- :class:`DistillConfig`: knowledge distillation against forgetting (:class:`llmft.trainers.DistillSFTTrainer`);
+- :class:`ModelConfig`: :func:`llmft.load_model`'s arguments (a recipe's ``model`` section), typed.
 
 Options that are neither llmft's nor TRL's are refused with the closest name suggested (:func:`check_names`); values
 that cannot work (a learning rate of "abc" or 0, a batch of 0, ``max_steps=-5``, an ``output_dir`` that is a file, ...)

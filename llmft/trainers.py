@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import errno
 import inspect
-import math
 import os
 import weakref
 from pathlib import Path
