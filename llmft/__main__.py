@@ -68,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides_help(command: str) -> str:
     """The fields a recipe's ``training`` section takes, for ``--help`` (light: no torch, no TRL import)."""
-    from llmft.configs import DPOOptions, SFTOptions, help_table
+    from llmft.configs import DPORunConfig, SFTRunConfig, help_table
 
-    options = SFTOptions if command == "train" else DPOOptions
+    options = SFTRunConfig if command == "train" else DPORunConfig
     trl_name = "SFTConfig" if command == "train" else "DPOConfig"
     return ("overrides: any field of the recipe, after the file and its smoke section, e.g.\n"
             f"  python -m llmft {command} recipe.yaml --learning_rate 1e-4 --max_steps 30 --model.lora_r 32\n"

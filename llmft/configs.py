@@ -4,9 +4,12 @@ As TRL's ``SFTConfig``: a dataclass per concept, each field with ``metadata={"he
 
 - :class:`TrainingControlConfig`: metrics CSV, best checkpoint, early stopping, weight-decay ramp, LR schedule
   (:func:`llmft.attach_training_control`);
-- :class:`SFTOptions` / :class:`DPOOptions`: everything :func:`llmft.build_trainer` / :func:`llmft.build_dpo_trainer`
-  take as keywords (the control fields included), with their own defaults where SFT and DPO differ;
-- :class:`DistillConfig`: knowledge distillation against forgetting (:class:`llmft.trainers.DistillSFTTrainer`).
+- :class:`SFTRunConfig` / :class:`DPORunConfig` (first named ``SFTOptions`` / ``DPOOptions``, still aliases): llmft's
+  fields of a run (the control fields included), with their own defaults where SFT and DPO differ. The trainers'
+  config, :class:`llmft.trl_configs.LlmftSFTConfig` / ``LlmftDPOConfig``, is TRL's ``SFTConfig`` / ``DPOConfig`` with
+  these fields; kept here apart so they import without torch (``--help``, recipe checks, Kaggle tooling);
+- :class:`DistillConfig`: knowledge distillation against forgetting (:class:`llmft.trainers.DistillSFTTrainer`);
+- :class:`ModelConfig`: :func:`llmft.load_model`'s arguments (a recipe's ``model`` section), typed.
 
 Options that are neither llmft's nor TRL's are refused with the closest name suggested (:func:`check_names`); values
 that cannot work (a learning rate of "abc" or 0, a batch of 0, ``max_steps=-5``, an ``output_dir`` that is a file, ...)
@@ -30,6 +33,8 @@ from typing import Any, Iterable
 from llmft.environment import DEFAULT_SEED
 
 CONFIG_FILE = "llmft_config.json"
+# All attention and MLP projections of Llama/Qwen/Mistral/Gemma-style blocks (the NTUA lab report's "QKV, O and MLP").
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _help(text: str, default: Any = None, **kwargs):
@@ -120,6 +125,16 @@ def coerce_numbers(config, fields=None) -> None:
             setattr(config, f.name, value)
 
 
+def check_flags(config, prefix: str = "") -> None:
+    """Refuse, naming the field, a non-boolean value in a dataclass field annotated ``bool`` (or ``bool | None``):
+    ``load_in_4bit: "no"`` would be true."""
+    for f in dataclasses.fields(config):
+        text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        value = getattr(config, f.name)
+        if text.replace(" ", "") in ("bool", "bool|None") and value is not None and not isinstance(value, bool):
+            raise ConfigError(prefix + f.name, value, "expected true or false")
+
+
 def check_values(options) -> None:
     """The checks of the options every run shares (:class:`SFTOptions`, :class:`DPOOptions`): each bad value is a
     :class:`ConfigError` naming the option and the fix. One home, so the checks can move with the options."""
@@ -146,6 +161,45 @@ def check_values(options) -> None:
     if o.output_dir and Path(o.output_dir).exists() and not Path(o.output_dir).is_dir():
         raise ConfigError("output_dir", o.output_dir, "is a file; checkpoints, metrics.csv and best/ go in a "
                                                       "directory: name a new or existing directory")
+
+
+@dataclass
+class ModelConfig:
+    """A recipe's ``model`` section: :func:`llmft.load_model`'s arguments, typed, with their defaults (written here
+    once; ``load_model`` takes them from this class) and help. Bad values are refused naming the field before anything
+    loads."""
+
+    name: str = field(metadata={"help": "Hub id, local model directory, a directory of saved LoRA adapters, or "
+                                        "testing:tiny_model (recipes)."})
+    max_seq_length: int = _help("Longest sequence in tokens the model is set up for (RoPE scaling beyond its own).",
+                                2048)
+    load_in_4bit: bool = _help("QLoRA: the frozen base in 4-bit NF4 (Dettmers et al. 2023); false: 16-bit.", True)
+    dtype: Any = _help("Compute dtype (e.g. 'bfloat16'); None: bf16 on Ampere+, fp16 on a T4, float32 on a CPU.")
+    lora_r: int | None = _help("LoRA rank (Hu et al. 2021); None: no adapter (a frozen model, for inference).", 16)
+    lora_alpha: int | None = _help("LoRA scale numerator; None: lora_r (scale 1).")
+    lora_dropout: float = _help("Dropout on the LoRA path (0 lets Unsloth use its fast kernels).", 0.0)
+    target_modules: Any = _help("Modules that get adapters (a list of names, or PEFT's 'all-linear').",
+                                DEFAULT_TARGET_MODULES)
+    use_rslora: bool = _help("Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023).",
+                             False)
+    use_gradient_checkpointing: bool | str = _help("'unsloth' (offloaded, Unsloth's), true (transformers') or false.",
+                                                   "unsloth")
+    chat_template: str | None = _help("An Unsloth chat template name for the tokenizer (e.g. 'llama-3.1', 'chatml'); "
+                                      "None: the tokenizer's own.")
+    seed: int = _help("Seed of the LoRA initialisation.", DEFAULT_SEED)
+    token: str | None = _help("Hub token for gated models; None: HF_TOKEN or the Colab/Kaggle secret.")
+    allow_cpu: bool | None = _help("Load a hub model without a CUDA GPU; None: only in smoke mode or with "
+                                   "LLMFT_ALLOW_CPU=1.")
+
+    def __post_init__(self):
+        coerce_numbers(self)
+        check_flags(self)
+        if not isinstance(self.name, (str, os.PathLike)):
+            raise ConfigError("name", self.name, "a hub id or a local directory")
+        if self.lora_r is not None and self.lora_r <= 0:
+            raise ConfigError("lora_r", self.lora_r, "the LoRA rank must be positive, or None for no LoRA")
+        if self.max_seq_length < 1:
+            raise ConfigError("max_seq_length", self.max_seq_length, "must be at least 1")
 
 
 @dataclass
@@ -226,13 +280,16 @@ class TrainingControlConfig:
 
 
 @dataclass
-class _RunOptions:
-    """Options every llmft trainer shares (passed on to TRL's SFTConfig/DPOConfig)."""
+class _RunConfig:
+    """The ``transformers.TrainingArguments`` fields whose defaults llmft changes for a T4 (as TRL's ``SFTConfig``
+    changes some of transformers'), with what llmft adds to them. ``None`` marks what is computed when the trainer is
+    built: from the hardware (precision, optimizer) or from the data (evaluation and checkpoint cadence)."""
 
     output_dir: str = _help("Checkpoints, metrics.csv, best/ and llmft_config.json go here.", "outputs")
     max_steps: int = _help("Optimizer steps; -1: run num_train_epochs.", -1)
     num_train_epochs: float = _help("Epochs when max_steps is -1 (fractions allowed, e.g. 0.2).", 1.0)
     per_device_train_batch_size: int = _help("Rows per micro-batch (a T4 holds 2 for a 3B model at 2k tokens).", 2)
+    per_device_eval_batch_size: int | None = _help("Rows per evaluation batch; None: per_device_train_batch_size.")
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step: effective batch = batch x this.", 4)
     learning_rate: float = _help("Peak learning rate.", 2e-4)
     warmup_steps: float = _help("Linear warmup steps (a float < 1 is a fraction of the run); every schedule.", 5)
@@ -241,24 +298,39 @@ class _RunOptions:
     weight_decay: float = _help("AdamW weight decay.", 0.01)
     max_grad_norm: float = _help("Gradient clipping (the CodeMMLU report's 1.0).", 1.0)
     logging_steps: int = _help("Log (and write a metrics.csv row) every this many steps.", 1)
+    eval_strategy: str | None = _help("'steps', 'epoch' or 'no'; None: 'steps' when the trainer gets an eval set, "
+                                      "else 'no'.")
     eval_steps: int | None = _help("Evaluate and checkpoint every this many steps; None: a tenth of the run.")
     eval_max_samples: int | None = _help("Evaluate on a fixed random subset of at most this many rows; None: all.",
                                          200)
+    save_steps: float | None = _help("Checkpoint every this many steps; None: eval_steps (a checkpoint at every "
+                                     "evaluation).")
     save_total_limit: int | None = _help("Checkpoints kept for resuming (best/ is kept apart).", 2)
     optim: str | None = _help("Optimizer; None: 'adamw_8bit' on a GPU, 'adamw_torch' on a CPU.")
-    seed: int = _help("Random seed (also the data order seed).", DEFAULT_SEED)
+    fp16: bool | None = _help("fp16 mixed precision; None: from the hardware (on a T4, which has no bf16).")
+    bf16: bool | None = _help("bf16 mixed precision; None: from the hardware (on Ampere and newer GPUs).")
+    seed: int = _help("Random seed.", DEFAULT_SEED)
+    data_seed: int | None = _help("Seed of the data order; None: seed.")
     report_to: str = _help("transformers' integrations ('none', 'tensorboard', 'wandb', ...).", "none")
 
     def __post_init__(self):
+        self._check_llmft()
+
+    def _check_llmft(self):
+        """llmft's checks, run before TRL's own when this is part of a TRL config (:mod:`llmft.trl_configs`)."""
         coerce_numbers(self)
+        check_flags(self)
         check_values(self)
 
 
 @dataclass
-class SFTOptions(TrainingControlConfig, _RunOptions):
-    """Every option of :func:`llmft.build_trainer` (T4 defaults). Other ``trl.SFTConfig`` fields pass through."""
+class SFTRunConfig(TrainingControlConfig, _RunConfig):
+    """llmft's fields of an SFT run (T4 defaults, training control, distillation): everything
+    :func:`llmft.build_trainer` takes as keywords besides TRL's other ``SFTConfig`` fields. Light (no torch): the
+    trainer's config, :class:`llmft.trl_configs.LlmftSFTConfig`, is ``trl.SFTConfig`` with these fields."""
 
     max_seq_length: int | None = _help("Longest row in tokens; None: the model's (from load_model).")
+    max_length: int | None = _help("TRL's name of the same bound; None: max_seq_length.")
     responses_only: bool | None = _help("Loss on responses only; None: on for chat and prompt/completion data, and "
                                         "for text data when instruction_part and response_part are given.")
     instruction_part: str | None = _help("Text data: the marker before each instruction, e.g. '### Instruction:\\n'.")
@@ -267,17 +339,21 @@ class SFTOptions(TrainingControlConfig, _RunOptions):
                                           "its fields as a dict, or True for the defaults); None: off.")
 
     def __post_init__(self):
+        self._check_llmft()
+
+    def _check_llmft(self):
         TrainingControlConfig.__post_init__(self)
-        _RunOptions.__post_init__(self)
+        _RunConfig._check_llmft(self)
         self.distill = DistillConfig.coerce(self.distill)
         if (self.instruction_part is None) != (self.response_part is None):
             raise ValueError("build_trainer: give both instruction_part and response_part, or neither")
 
 
 @dataclass
-class DPOOptions(TrainingControlConfig, _RunOptions):
-    """Every option of :func:`llmft.build_dpo_trainer`: DPO wants far smaller steps than SFT and no weight decay.
-    Other ``trl.DPOConfig`` fields pass through."""
+class DPORunConfig(TrainingControlConfig, _RunConfig):
+    """llmft's fields of a DPO run (Rafailov et al. 2023): DPO wants far smaller steps than SFT and no weight decay.
+    Light (no torch): the trainer's config, :class:`llmft.trl_configs.LlmftDPOConfig`, is ``trl.DPOConfig`` with
+    these fields."""
 
     output_dir: str = _help("Checkpoints, metrics.csv, best/ and llmft_config.json go here.", "outputs_dpo")
     learning_rate: float = _help("Peak learning rate (DPO wants far smaller steps than SFT).", 5e-6)
@@ -286,11 +362,18 @@ class DPOOptions(TrainingControlConfig, _RunOptions):
     max_length: int | None = _help("Longest prompt + response in tokens; None: the model's max_seq_length.")
 
     def __post_init__(self):
+        self._check_llmft()
+
+    def _check_llmft(self):
         TrainingControlConfig.__post_init__(self)
-        _RunOptions.__post_init__(self)
+        _RunConfig._check_llmft(self)
         if self.beta <= 0:
             raise ConfigError("beta", self.beta, "DPO's beta must be > 0 (0.1 is usual; larger keeps the policy "
                                                  "closer to the reference)")
+
+
+SFTOptions = SFTRunConfig  # the names notebooks and recipes used first
+DPOOptions = DPORunConfig
 
 
 def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=None):
@@ -313,13 +396,14 @@ def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=Non
     return config_cls(**values), passthrough
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` as JSON-ready data: dataclasses as dicts, callables and other objects as their names."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if callable(value):
@@ -327,12 +411,16 @@ def _jsonable(value):
     return repr(value)
 
 
-def config_dict(options, trl_args: dict | None = None, kind: str | None = None) -> dict:
-    """The JSON-ready record of a run's settings: ``{"kind", "options", "trl"}``."""
-    return {"kind": kind or type(options).__name__, "options": _jsonable(options), "trl": _jsonable(trl_args or {})}
+def config_dict(options, trl_args: dict | None = None, kind: str | None = None, fields=None) -> dict:
+    """The JSON-ready record of a run's settings: ``{"kind", "options", "trl"}``; ``fields``: the names of
+    ``options`` recorded under "options" (default: all its fields)."""
+    names = field_names(options) if fields is None else fields
+    return {"kind": kind or type(options).__name__,
+            "options": {name: jsonable(getattr(options, name)) for name in names}, "trl": jsonable(trl_args or {})}
 
 
-def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = None, kind: str | None = None) -> Path:
+def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = None, kind: str | None = None,
+                fields=None) -> Path:
     """Write ``output_dir/llmft_config.json`` atomically (by the main process only under torchrun); returns its path."""
     from llmft.environment import is_main_process
 
@@ -342,7 +430,7 @@ def save_config(output_dir: str | os.PathLike, options, trl_args: dict | None = 
         return path
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config_dict(options, trl_args, kind), indent=2) + "\n")
+    tmp.write_text(json.dumps(config_dict(options, trl_args, kind, fields), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

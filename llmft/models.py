@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Sequence
 
 from llmft._unsloth import import_unsloth
-from llmft.environment import DEFAULT_SEED, is_main_process
+from llmft.configs import DEFAULT_TARGET_MODULES, ModelConfig  # noqa: F401  (DEFAULT_TARGET_MODULES: also here)
+from llmft.environment import is_main_process
 from llmft.runtime import preflight, require_gpu
 
-# All attention and MLP projections of Llama/Qwen/Mistral/Gemma-style blocks (the NTUA lab report's "QKV, O and MLP").
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_D = ModelConfig  # load_model's defaults are ModelConfig's (written once, with their help)
 HUB_HOST = "huggingface.co"
 
 
@@ -99,19 +99,19 @@ def hub_token() -> str | None:
 def load_model(
     model_name: str,
     *,
-    max_seq_length: int = 2048,
-    load_in_4bit: bool = True,
-    dtype=None,
-    lora_r: int | None = 16,
-    lora_alpha: int | None = None,
-    lora_dropout: float = 0.0,
-    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
-    use_rslora: bool = False,
-    use_gradient_checkpointing: bool | str = "unsloth",
-    chat_template: str | None = None,
-    seed: int = DEFAULT_SEED,
-    token: str | None = None,
-    allow_cpu: bool | None = None,
+    max_seq_length: int = _D.max_seq_length,
+    load_in_4bit: bool = _D.load_in_4bit,
+    dtype=_D.dtype,
+    lora_r: int | None = _D.lora_r,
+    lora_alpha: int | None = _D.lora_alpha,
+    lora_dropout: float = _D.lora_dropout,
+    target_modules: Sequence[str] = _D.target_modules,
+    use_rslora: bool = _D.use_rslora,
+    use_gradient_checkpointing: bool | str = _D.use_gradient_checkpointing,
+    chat_template: str | None = _D.chat_template,
+    seed: int = _D.seed,
+    token: str | None = _D.token,
+    allow_cpu: bool | None = _D.allow_cpu,
     **from_pretrained_kwargs,
 ):
     """Load ``model_name`` (hub id, local model directory, or a directory of saved LoRA adapters) with Unsloth.
@@ -130,8 +130,10 @@ def load_model(
     import_unsloth()
     from unsloth import FastLanguageModel
 
-    if lora_r is not None and lora_r <= 0:
-        raise ValueError(f"load_model(lora_r={lora_r}): the LoRA rank must be positive, or None for no LoRA")
+    ModelConfig(name=model_name, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, dtype=dtype,  # checks
+                lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                use_rslora=use_rslora, use_gradient_checkpointing=use_gradient_checkpointing,
+                chat_template=chat_template, seed=seed, token=token, allow_cpu=allow_cpu)
     adapter_dir = os.path.isdir(model_name) and os.path.exists(os.path.join(model_name, "adapter_config.json"))
     if not os.path.isdir(model_name):
         require_gpu(f"load_model({model_name!r})", allow_cpu=allow_cpu)

@@ -7,10 +7,12 @@
 A recipe has three sections whose fields are llmft's own, checked by name before anything loads (a misspelt field
 gets the same "did you mean" message as a misspelt keyword):
 
-- ``model``: ``name`` (hub id, local directory or ``testing:tiny_model``) and any :func:`llmft.load_model` keyword;
+- ``model``: the fields of :class:`llmft.configs.ModelConfig`: ``name`` (hub id, local directory or
+  ``testing:tiny_model``) and :func:`llmft.load_model`'s keywords, typed (``lora_r: abc`` is refused naming it);
 - ``data``: the fields of :class:`DataConfig` (dataset, split, format, rows, eval_rows, seed);
-- ``training``: the fields of :class:`llmft.configs.SFTOptions` (``train``) or :class:`llmft.configs.DPOOptions`
-  (``dpo``), plus any ``trl.SFTConfig`` / ``trl.DPOConfig`` field.
+- ``training``: the fields of :class:`llmft.trl_configs.LlmftSFTConfig` (``train``) or
+  :class:`~llmft.trl_configs.LlmftDPOConfig` (``dpo``): llmft's own (:class:`llmft.configs.SFTRunConfig` /
+  :class:`~llmft.configs.DPORunConfig`) and every ``trl.SFTConfig`` / ``trl.DPOConfig`` field.
 
 An optional ``smoke`` section holds the same three sections' overrides, applied by ``--smoke`` (or ``LLMFT_SMOKE=1``)
 so a continuous-integration job runs the very recipe on tiny local assets; its names and values are checked on every
@@ -26,14 +28,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import inspect
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmft.configs import ConfigError, DPOOptions, SFTOptions, check_names, field_names, options_from
+from llmft.configs import (  # noqa: F401  (SFTOptions, options_from: also llmft.recipes.*)
+    ConfigError, ModelConfig, SFTOptions, check_names, field_names, options_from,
+)
 from llmft.data import DataError
 from llmft.log import say
 from llmft.environment import DEFAULT_SEED, is_main_process
@@ -126,17 +129,22 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
     """Check every name of every section against what it is passed to (a :class:`TypeError` naming the closest one)
     and the data and training values (a :class:`~llmft.configs.ConfigError` naming the option and the fix), of the
     recipe and of its unapplied ``smoke`` section alike, before anything loads."""
-    options_cls, trl_cls = _options(command)
+    from llmft.trl_configs import config_from
+
+    config_cls = _options(command)
     known = known_fields(command)
-    check_names(recipe["model"], known["model"], f"{where} [model]", "Fields are `name` and llmft.load_model keywords.")
+    check_names(recipe["model"], known["model"], f"{where} [model]",
+                f"Fields are llmft.configs.ModelConfig's (llmft.load_model's): {field_names(ModelConfig)}.")
     if "name" not in recipe["model"]:
         raise ValueError(f"{where} [model]: `name` is required (a hub id, a local directory or {TESTING_MODEL})")
     check_names(recipe["data"], known["data"], f"{where} [data]",
                 f"Fields are llmft.recipes.DataConfig's: {field_names(DataConfig)}.")
     check_names(recipe["training"], known["training"], f"{where} [training]",
-                f"Fields are llmft.configs.{options_cls.__name__}'s or trl.{trl_cls.__name__}'s.")
-    for section, check in (("data", lambda values: DataConfig(**values)),
-                           ("training", lambda values: options_from(options_cls, command, trl_cls, values))):
+                f"Fields are llmft.configs.{config_cls.llmft_fields.__name__}'s or "
+                f"trl.{config_cls.trl_class.__name__}'s.")
+    for section, check in (("model", lambda values: ModelConfig(**values)),
+                           ("data", lambda values: DataConfig(**values)),
+                           ("training", lambda values: config_from(config_cls, command, values))):
         try:
             check(recipe[section])
         except TypeError as exc:  # a required field left out
@@ -148,14 +156,11 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
 
 
 def known_fields(command: str) -> dict[str, set[str]]:
-    """The fields each section of a ``command`` recipe takes: ``model``: ``name`` and :func:`llmft.load_model`'s
-    keywords; ``data``: :class:`DataConfig`'s; ``training``: llmft's options and TRL's config fields."""
-    from llmft.models import load_model
-
-    options_cls, trl_cls = _options(command)
-    return {"model": set(inspect.signature(load_model).parameters) - {"model_name", "from_pretrained_kwargs"} | {"name"},
-            "data": set(field_names(DataConfig)),
-            "training": set(field_names(options_cls)) | set(field_names(trl_cls))}
+    """The fields each section of a ``command`` recipe takes: ``model``: :class:`~llmft.configs.ModelConfig`'s
+    (``name`` and :func:`llmft.load_model`'s keywords); ``data``: :class:`DataConfig`'s; ``training``: llmft's
+    options and TRL's config fields."""
+    return {"model": set(field_names(ModelConfig)), "data": set(field_names(DataConfig)),
+            "training": set(field_names(_options(command)))}
 
 
 def apply_overrides(recipe: dict, arguments, command: str = "train") -> dict:
@@ -198,14 +203,13 @@ def apply_overrides(recipe: dict, arguments, command: str = "train") -> dict:
 
 
 def _options(command: str):
+    """The trainer config class of ``command``."""
+    from llmft import trl_configs
+
     if command == "train":
-        from trl import SFTConfig
-
-        return SFTOptions, SFTConfig
+        return trl_configs.LlmftSFTConfig
     if command == "dpo":
-        from trl import DPOConfig
-
-        return DPOOptions, DPOConfig
+        return trl_configs.LlmftDPOConfig
     raise ValueError(f"command={command!r}: use 'train' (SFT) or 'dpo'")
 
 
@@ -264,7 +268,6 @@ def run_recipe(source, command: str = "train", *, smoke: bool | None = None, cal
     smoke = testing.smoke_mode() if smoke is None else smoke
     recipe = load_recipe(source, smoke=smoke)
     check_recipe(recipe, command, where)
-    options_cls, _ = _options(command)
     model_options = dict(recipe["model"])
     name = model_options.pop("name")
     if name == TESTING_MODEL:

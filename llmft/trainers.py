@@ -3,8 +3,9 @@
 TRL owns the training loop and Unsloth owns the patches; this module picks the defaults (precision from the hardware,
 8-bit AdamW on a GPU, gradient clipping, a bounded eval subset, loss on assistant responses only for chat data),
 checks the dataset, and reports what it changed. The defaults live in :mod:`llmft.configs` (one dataclass field
-each, with its help); the builders' keywords are those fields, validated into :class:`~llmft.configs.SFTOptions` /
-:class:`~llmft.configs.DPOOptions` and recorded in ``output_dir/llmft_config.json``.
+each, with its help); the builders' keywords are those fields and TRL's, made into one
+:class:`~llmft.trl_configs.LlmftSFTConfig` / :class:`~llmft.trl_configs.LlmftDPOConfig` (a ``trl.SFTConfig`` /
+``trl.DPOConfig``) that is the trainer's ``args`` and is recorded in ``output_dir/llmft_config.json``.
 
 The trainers are TRL's, subclassed thinly at module level (importable, subclassable):
 :class:`LlmftSFTTrainer` / :class:`LlmftDPOTrainer` add a custom LR schedule through ``create_scheduler`` (the hook
@@ -17,7 +18,6 @@ import dataclasses
 import difflib
 import errno
 import inspect
-import math
 import os
 import weakref
 from pathlib import Path
@@ -27,40 +27,25 @@ from llmft._unsloth import import_unsloth
 import_unsloth()  # the SFTTrainer subclassed below must be the one Unsloth patched
 
 from transformers import TrainerCallback  # noqa: E402
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOTrainer, SFTTrainer  # noqa: E402
 
 from llmft import callbacks as cb  # noqa: E402
 from llmft.checkpoints import checkpoint_problem, checkpoints, latest_checkpoint  # noqa: E402,F401  (also llmft.trainers.*)
-from llmft.configs import (  # noqa: E402
-    DistillConfig, DPOOptions, SFTOptions, TrainingControlConfig, options_from, save_config,
-)
+from llmft.configs import DistillConfig, DPORunConfig, SFTRunConfig, TrainingControlConfig, options_from  # noqa: E402
 from llmft.data import PREFERENCE_COLUMNS, DataError, check_preference_rows, count_overlong  # noqa: E402
 from llmft.log import say  # noqa: E402
 from llmft.masking import completion_report, mask_responses  # noqa: E402
-from llmft.models import pick_dtype  # noqa: E402
 from llmft.environment import is_main_process  # noqa: E402
 from llmft.schedulers import resolve_schedule  # noqa: E402
+from llmft.trl_configs import (  # noqa: E402,F401  (precision_flags, default_optim: also llmft.trainers.*)
+    LlmftDPOConfig, LlmftSFTConfig, config_from, default_optim, precision_flags,
+)
 
-__all__ = ["build_trainer", "build_sft_trainer", "build_dpo_trainer", "attach_training_control", "train", "resume_checkpoint",
-           "latest_checkpoint", "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer", "DistillConfig", "kd_loss"]
+__all__ = ["build_trainer", "build_sft_trainer", "build_dpo_trainer", "attach_training_control", "train",
+           "resume_checkpoint", "latest_checkpoint", "LlmftSFTTrainer", "LlmftDPOTrainer", "DistillSFTTrainer",
+           "DistillConfig", "LlmftSFTConfig", "LlmftDPOConfig", "kd_loss"]
 
 PROMPT_COMPLETION = "prompt/completion"
-
-
-def precision_flags() -> dict:
-    """``{"fp16": ..., "bf16": ...}`` for TRL's config, from the one precision policy, :func:`llmft.models.pick_dtype`
-    (bf16 on Ampere+, fp16 on a T4, neither on a CPU, where Unsloth's CPU mode picks the dtype)."""
-    import torch
-
-    dtype = pick_dtype()
-    return {"fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16}
-
-
-def default_optim() -> str:
-    """8-bit AdamW (bitsandbytes) on a GPU saves ~75% of optimizer memory; plain AdamW on a CPU."""
-    import torch
-
-    return "adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
 
 
 def _check_dataset(dataset, argument: str) -> str:
@@ -86,12 +71,6 @@ def _check_dataset(dataset, argument: str) -> str:
                     f"{columns}. Use llmft.data.sharegpt_to_messages, alpaca_to_text or mcq_rows to prepare it.")
 
 
-def _planned_steps(n_rows: int, batch: int, accumulation: int, epochs: float, max_steps: int) -> int:
-    if max_steps and max_steps > 0:
-        return max_steps
-    return max(1, math.ceil(math.ceil(n_rows / batch) / accumulation * epochs))
-
-
 def _prepare(builder: str, tokenizer, train_dataset, eval_dataset, *, max_length: int, eval_max_samples: int | None,
              seed: int, verbose: bool):
     """Bound the eval set to a fixed random subset and count over-long rows; returns (eval_dataset, reports)."""
@@ -105,23 +84,6 @@ def _prepare(builder: str, tokenizer, train_dataset, eval_dataset, *, max_length
     for report in reports.values():
         say(report, verbose)
     return eval_dataset, reports
-
-
-def _trl_args(options, *, n_train: int, has_eval: bool) -> dict:
-    """The TRL config fields llmft sets from ``options`` (SFTOptions or DPOOptions)."""
-    o = options
-    steps = _planned_steps(n_train, o.per_device_train_batch_size, o.gradient_accumulation_steps,
-                           o.num_train_epochs, o.max_steps)
-    eval_steps = o.eval_steps if o.eval_steps is not None else max(1, steps // 10)
-    return dict(
-        output_dir=o.output_dir, max_steps=o.max_steps, num_train_epochs=o.num_train_epochs,
-        per_device_train_batch_size=o.per_device_train_batch_size,
-        per_device_eval_batch_size=o.per_device_train_batch_size,
-        gradient_accumulation_steps=o.gradient_accumulation_steps, learning_rate=o.learning_rate,
-        warmup_steps=o.warmup_steps, lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm, logging_steps=o.logging_steps, eval_strategy="steps" if has_eval else "no",
-        eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps, save_total_limit=o.save_total_limit,
-        optim=o.optim or default_optim(), seed=o.seed, data_seed=o.seed, report_to=o.report_to, **precision_flags())
 
 
 def _keyword_signature(function, options_cls, trl_name: str):
@@ -144,7 +106,7 @@ class TrainerMixin:
       :mod:`llmft.schedulers`), used by :meth:`create_scheduler`, transformers' hook for custom schedules; None keeps
       ``args.lr_scheduler_type``. Set it at construction or with :func:`attach_training_control`.
     - ``llmft_reports``: the data reports of the build (over-long rows, response masking), by split.
-    - ``llmft_options``: the :mod:`llmft.configs` options the trainer was built with (None when built by hand).
+    - ``llmft_options``: the config the trainer was built with, its ``args`` (None when built by hand).
     - :meth:`create_optimizer` (transformers' hook) first restores the adapters' training dtype after a resume
       (:class:`llmft.callbacks.KeepAdapterDtype`), before the model is wrapped for DDP.
     - :meth:`train` resumes as :func:`llmft.train` does: ``trainer.train(resume_from_checkpoint=True | "auto" |
@@ -238,7 +200,8 @@ def _keeping_reference(model):
                 restored[name].copy_(value)
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config: SFTOptions | dict | None = None,
+def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *,
+                  config: LlmftSFTConfig | SFTRunConfig | dict | None = None,
                   callbacks: list | None = None, verbose: bool = True, **options):
     """Return a TRL ``SFTTrainer`` (an :class:`LlmftSFTTrainer`) for ``model`` (from :func:`llmft.load_model`) on
     ``train_dataset``.
@@ -247,10 +210,12 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     ``prompt`` and ``completion`` columns (e.g. :func:`llmft.data.mcq_rows`; TRL tokenizes the prompt alone and the loss
     covers the completion). An empty dataset is refused before the model is touched.
 
-    Every keyword is a field of :class:`llmft.configs.SFTOptions` (its default and help are there; ``config=`` takes
-    a whole ``SFTOptions`` and keywords override it) or any other ``trl.SFTConfig`` field (e.g. ``packing=True``);
-    a misspelt name is refused with the closest one suggested. The options used are written to
-    ``output_dir/llmft_config.json``. Defaults, chosen for a 16 GB T4:
+    Every keyword is a field of :class:`llmft.trl_configs.LlmftSFTConfig`: llmft's own, of
+    :class:`llmft.configs.SFTRunConfig` (their defaults and help are there), or any other ``trl.SFTConfig`` field
+    (e.g. ``packing=True``); ``config=`` takes a whole ``LlmftSFTConfig`` (or ``SFTRunConfig``, or a dict) and
+    keywords override it. A misspelt name is refused with the closest one suggested. The config made is the
+    trainer's ``args`` (and ``llmft_options``), written to ``output_dir/llmft_config.json``. Defaults, chosen for a
+    16 GB T4:
 
     - precision from the hardware (fp16 on a T4, bf16 on Ampere+), ``optim="adamw_8bit"`` on a GPU;
     - effective batch 2 x 4 (``per_device_train_batch_size`` x ``gradient_accumulation_steps``), lr 2e-4 with 5
@@ -291,7 +256,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     :class:`DistillSFTTrainer`: knowledge distillation from the adapter-disabled model is added to the loss, against
     forgetting.
     """
-    o, trl_options = options_from(SFTOptions, "build_trainer", SFTConfig, options, base=config)
+    o = config_from(LlmftSFTConfig, "build_trainer", config, options)
     kind = _check_dataset(train_dataset, "train_dataset")
     if eval_dataset is not None and _check_dataset(eval_dataset, "eval_dataset") != kind:
         raise DataError(f"eval_dataset: must have the same '{kind}' column as train_dataset, "
@@ -305,12 +270,14 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
     if kind == PROMPT_COMPLETION and o.response_part is not None:
         raise ValueError("build_trainer: prompt/completion rows need no instruction_part/response_part: the "
                          "completion is the response (the loss is on it alone unless responses_only=False)")
-    max_seq_length = o.max_seq_length or getattr(model, "max_seq_length", None) or 2048
+    max_seq_length = o.max_length or o.max_seq_length or getattr(model, "max_seq_length", None) or 2048
 
     eval_dataset, reports = _prepare("build_trainer", tokenizer, train_dataset, eval_dataset, max_length=max_seq_length,
                                      eval_max_samples=o.eval_max_samples, seed=o.seed, verbose=verbose)
+    build = {"max_length": max_seq_length}
     if kind == PROMPT_COMPLETION:  # TRL tokenizes the prompt alone and masks it (completion_only_loss)
-        trl_options = {"completion_only_loss": responses_only, **trl_options}
+        if o.completion_only_loss is None:
+            build["completion_only_loss"] = responses_only
         if responses_only:
             reports["train_masking"] = completion_report(train_dataset, tokenizer, max_length=max_seq_length,
                                                          name="train_dataset")
@@ -325,28 +292,27 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config:
         if eval_dataset is not None:
             eval_dataset, reports["eval_masking"] = mask_responses(eval_dataset, tokenizer, name="eval_dataset",
                                                                    **parts)
-    args = SFTConfig(**{**_trl_args(o, n_train=len(train_dataset), has_eval=eval_dataset is not None),
-                        "max_length": max_seq_length, "dataset_text_field": "text", **trl_options})
+    args = o.for_run(len(train_dataset), eval_dataset is not None, **build)
     trainer_class, extra = LlmftSFTTrainer, {}
     if o.distill is not None:
         if not hasattr(model, "disable_adapter"):
             raise ValueError("build_trainer(distill=...): the teacher is the model with its LoRA adapter disabled, so "
                              "the model needs LoRA (llmft.load_model with lora_r set)")
-        trainer_class, extra = DistillSFTTrainer, {"distill": o.distill}
+        trainer_class, extra = DistillSFTTrainer, {"distill": args.distill}
     trainer = trainer_class(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, args=args, callbacks=list(callbacks or []), **extra)
-    attach_training_control(trainer, o.control())
+    attach_training_control(trainer, args.control())
     for split, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
         report = reports.get(f"{split}_masking")
         if report is not None:
             report.dropped_by_trainer = report.rows - len(dataset)
             say(report, verbose or bool(report.dropped_by_trainer))
-    trainer.llmft_reports, trainer.llmft_options = reports, o
-    save_config(o.output_dir, o, trl_options, kind="build_trainer")
+    trainer.llmft_reports, trainer.llmft_options = reports, trainer.args
+    trainer.args.save(kind="build_trainer")
     return trainer
 
 
-_keyword_signature(build_trainer, SFTOptions, "sft_config")
+_keyword_signature(build_trainer, SFTRunConfig, "sft_config")
 build_sft_trainer = build_trainer  # the same function, named as build_dpo_trainer is
 
 
@@ -451,7 +417,8 @@ class DistillSFTTrainer(LlmftSFTTrainer):
         return super().log(logs, *args, **kwargs)
 
 
-def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, config: DPOOptions | dict | None = None,
+def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *,
+                      config: LlmftDPOConfig | DPORunConfig | dict | None = None,
                       callbacks: list | None = None, verbose: bool = True, **options):
     """Return a TRL ``DPOTrainer`` (an :class:`LlmftDPOTrainer`) for ``model`` (from :func:`llmft.load_model`, LoRA
     on) on preference pairs (``prompt``/``chosen``/``rejected``; see :func:`llmft.data.orca_to_dpo` and
@@ -462,8 +429,10 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     *is* the base model with its adapter disabled; from SFT adapters (``load_model("<sft adapters>")``) it is the SFT
     model, as DPO intends.
 
-    Every keyword is a field of :class:`llmft.configs.DPOOptions` (defaults and help there; ``config=`` takes a whole
-    ``DPOOptions``) or any other ``trl.DPOConfig`` field. Defaults as :func:`build_trainer` (precision from the
+    Every keyword is a field of :class:`llmft.trl_configs.LlmftDPOConfig`: llmft's own, of
+    :class:`llmft.configs.DPORunConfig` (defaults and help there), or any other ``trl.DPOConfig`` field; ``config=``
+    takes a whole ``LlmftDPOConfig`` (or ``DPORunConfig``, or a dict). The config made is the trainer's ``args``.
+    Defaults as :func:`build_trainer` (precision from the
     hardware, 8-bit AdamW on a GPU, batch 2 x 4, ``max_grad_norm=1.0``, bounded eval subset, checkpoints for
     :func:`train` to resume, the same training control and schedules) with DPO's own: ``beta=0.1``,
     ``learning_rate=5e-6`` (DPO wants far smaller steps than SFT), no weight decay, ``max_length`` = the model's
@@ -477,7 +446,7 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     refused by row. Built again on the same model (a re-run cell), the trainer keeps the frozen ``ref`` adapter of the
     first build as the reference (see :class:`LlmftDPOTrainer`).
     """
-    o, trl_options = options_from(DPOOptions, "build_dpo_trainer", DPOConfig, options, base=config)
+    o = config_from(LlmftDPOConfig, "build_dpo_trainer", config, options)
     forms = []
     for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if dataset is None:
@@ -501,17 +470,16 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, con
     eval_dataset, reports = _prepare("build_dpo_trainer", tokenizer, train_dataset, eval_dataset,
                                      max_length=max_length, eval_max_samples=o.eval_max_samples, seed=o.seed,
                                      verbose=verbose)
-    args = DPOConfig(**{**_trl_args(o, n_train=len(train_dataset), has_eval=eval_dataset is not None),
-                        "beta": o.beta, "max_length": max_length, **trl_options})
+    args = o.for_run(len(train_dataset), eval_dataset is not None, max_length=max_length)
     trainer = LlmftDPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
                               train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=list(callbacks or []))
-    attach_training_control(trainer, o.control())
-    trainer.llmft_reports, trainer.llmft_options = reports, o
-    save_config(o.output_dir, o, trl_options, kind="build_dpo_trainer")
+    attach_training_control(trainer, args.control())
+    trainer.llmft_reports, trainer.llmft_options = reports, trainer.args
+    trainer.args.save(kind="build_dpo_trainer")
     return trainer
 
 
-_keyword_signature(build_dpo_trainer, DPOOptions, "dpo_config")
+_keyword_signature(build_dpo_trainer, DPORunConfig, "dpo_config")
 
 
 class RunningTotals(TrainerCallback):

@@ -55,7 +55,8 @@ def test_build_records_its_settings_and_accepts_a_config(lora_model, chat_datase
     assert trainer.args.learning_rate == 1e-3 and trainer.args.max_steps == 4  # the keyword overrides the config
     assert trainer.llmft_options.max_steps == 4 and base.max_steps == 3  # the caller's config is not changed
     record = json.loads((tmp_path / "a" / configs.CONFIG_FILE).read_text())
-    assert record["kind"] == "build_trainer" and record["trl"] == {"packing": False}
+    assert record["kind"] == "build_trainer" and record["trl"]["packing"] is False
+    assert "learning_rate" not in record["trl"] and record["options"]["max_length"] == 128  # as the trainer has it
     assert record["options"]["learning_rate"] == 1e-3 and record["options"]["weight_decay_ramp"] == [0.0, 0.1]
     assert set(record["options"]) == {f.name for f in dataclasses.fields(SFTOptions)}
     with pytest.raises(TypeError, match=r"build_trainer: unknown option\(s\) 'learning_rte' \(did you mean "
@@ -160,3 +161,65 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(configs.ConfigError, match="is a file"):
         llmft.build_trainer(None, None, None, output_dir=str(path))  # before the model or data is touched
     assert SFTOptions(output_dir=str(tmp_path)).output_dir == str(tmp_path)
+
+
+def test_one_config_object_from_keywords_to_trainer_and_record(lora_model, chat_dataset, tmp_path):
+    import trl
+
+    from llmft import trl_configs
+
+    model, tokenizer = lora_model
+    trainer = llmft.build_trainer(model, tokenizer, chat_dataset, chat_dataset.select(range(8)),
+                                  output_dir=str(tmp_path), learning_rate="2e-4", max_steps=20, seed=7,
+                                  per_device_train_batch_size=4, packing=False, verbose=False)
+    args = trainer.args
+    assert type(args) is trl_configs.LlmftSFTConfig and isinstance(args, trl.SFTConfig)
+    assert issubclass(trl_configs.LlmftSFTConfig, configs.SFTRunConfig)
+    assert trainer.llmft_options is args  # the same object: recipe/keywords -> builder -> trainer
+    assert args.learning_rate == 2e-4 and isinstance(args.learning_rate, float)  # "2e-4" as YAML reads it
+    # computed when built: from the hardware, and from the data (a tenth of the run, a checkpoint at each eval)
+    assert (args.eval_strategy, args.eval_steps, args.save_steps) == ("steps", 2, 2)
+    assert (args.per_device_eval_batch_size, args.data_seed, args.fp16, args.bf16) == (4, 7, False, False)
+    record = json.loads((tmp_path / configs.CONFIG_FILE).read_text())
+    assert record["options"] == {name: configs.jsonable(getattr(args, name))
+                                 for name in configs.field_names(configs.SFTRunConfig)}
+    assert record["options"]["eval_steps"] == 2 and record["trl"]["packing"] is False and "adam_beta1" in record["trl"]
+    # a whole config passed back in: its own values, what it computed (data_seed, eval batch) computed again
+    again = llmft.build_trainer(model, tokenizer, chat_dataset, config=args, seed=9, per_device_train_batch_size=2,
+                                verbose=False)
+    assert (again.args.data_seed, again.args.per_device_eval_batch_size, again.args.max_steps) == (9, 2, 20)
+    assert again.args is not args and args.seed == 7
+    with pytest.raises(configs.ConfigError, match=r"learning_rate='abc': not a number"):
+        trl_configs.LlmftSFTConfig(learning_rate="abc")
+
+
+def test_checkpoints_save_a_config_holding_a_lambda_schedule_and_live_probes(lora_model, chat_dataset, tmp_path):
+    """transformers pickles args into every checkpoint (training_args.bin) and integrations log args.to_dict():
+    llmft's live objects (a lambda schedule, a ProbeCallback holding the tokenizer) go in as their descriptions."""
+    import torch
+
+    from llmft import callbacks, probes
+
+    model, tokenizer = lora_model
+    prober = callbacks.ProbeCallback([probes.fibonacci_probe(max_items=2)], max_new_tokens=4)
+    schedule = lambda optimizer, steps, **kw: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # noqa: E731
+    report_to = "tensorboard" if _installed("tensorboard") else "none"
+    trainer = llmft.build_trainer(model, tokenizer, chat_dataset.select(range(16)), chat_dataset.select(range(4)),
+                                  output_dir=str(tmp_path), max_steps=2, eval_steps=1, per_device_train_batch_size=4,
+                                  gradient_accumulation_steps=1, scheduler=schedule, probes=prober,
+                                  report_to=report_to, verbose=False, disable_tqdm=True)
+    trainer.train()
+    saved = torch.load(tmp_path / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert type(saved) is type(trainer.args) and saved.max_steps == 2
+    assert isinstance(saved.scheduler, str) and "lambda" in saved.scheduler and isinstance(saved.probes, str)
+    assert trainer.args.scheduler is schedule and trainer.args.probes is prober  # the live objects stay live
+    assert json.loads(trainer.args.to_json_string())["scheduler"] == saved.scheduler
+    assert any(r.get("eval_probe/fibonacci") is not None for r in trainer.state.log_history)
+    if report_to == "tensorboard":
+        assert any((tmp_path / "runs").rglob("events.out.tfevents.*")) or any(tmp_path.rglob("events.out.*"))
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, TrainerCallback
 
 import llmft
-from llmft import callbacks, data, plots, testing
+from llmft import callbacks, data, plots, testing, trainers
 
 matplotlib.use("Agg")
 
@@ -99,6 +99,9 @@ def test_defaults_and_errors(lora_model, pairs, tmp_path):
     assert (args.beta, args.learning_rate, args.weight_decay, args.max_grad_norm) == (0.1, 5e-6, 0.0, 1.0)
     assert args.max_length == 128 and not args.fp16
     assert getattr(args.optim, "value", args.optim) in ("adamw_torch", "adamw_torch_fused")  # no 8-bit on CPU
+    # one object: TRL's DPOConfig with llmft's fields is the trainer's args and what the builder recorded
+    assert isinstance(args, trainers.LlmftDPOConfig) and isinstance(args, trl.DPOConfig)
+    assert trainer.llmft_options is args and args.eval_strategy == "steps" and args.save_steps == args.eval_steps
     with pytest.raises(data.DataError, match="orca_to_dpo"):
         llmft.build_dpo_trainer(model, tokenizer, testing.tiny_orca_dpo(4))
     with pytest.raises(TypeError, match=r"'max_prompt_length'.*trl.DPOConfig"):

@@ -175,3 +175,38 @@ def test_command_line_overrides_win_over_the_file_and_its_smoke_section(tmp_path
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the demos take no overrides
         main(["sft-demo", "--learning_rate", "1"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("lora_r: abc", r"\[model\]: lora_r='abc': not a number"),
+    ("lora_r: 0", r"\[model\]: lora_r=0: the LoRA rank must be positive"),
+    ("load_in_4bit: 'no'", r"\[model\]: load_in_4bit='no': expected true or false"),
+    ("max_seq_length: 2e3", None),  # a number PyYAML reads as a string is a number
+])
+def test_model_section_is_typed_and_refused_naming_the_field(tmp_path, capsys, monkeypatch, line, message):
+    path = _recipe_file(tmp_path, f"model: {{name: testing:tiny_model, {line}}}\n"
+                                  "data: {dataset: testing:finetome, format: sharegpt}\ntraining: {max_steps: 2}\n")
+    recipe = recipes.load_recipe(path)
+    if message is None:
+        recipes.check_recipe(recipe, "train", str(path))
+        assert recipes.ModelConfig(**recipe["model"]).max_seq_length == 2000
+        return
+    with pytest.raises(ValueError, match=message):
+        recipes.check_recipe(recipe, "train", str(path))
+    assert main(["train", str(path)]) == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_load_model_defaults_are_the_model_config_fields():
+    import dataclasses
+    import inspect
+
+    from llmft import configs, models
+
+    parameters = inspect.signature(models.load_model).parameters
+    for field in dataclasses.fields(configs.ModelConfig):
+        name = "model_name" if field.name == "name" else field.name
+        assert name in parameters, f"ModelConfig.{field.name} is no load_model argument"
+        if field.default is not dataclasses.MISSING:
+            assert parameters[name].default == field.default, field.name
+        assert len(field.metadata.get("help", "")) > 10, field.name
+    assert set(parameters) - {"model_name", "from_pretrained_kwargs"} <= set(configs.field_names(configs.ModelConfig))
