@@ -135,11 +135,13 @@ def test_generation_before_and_after_and_metrics_on_real_generations(sft):
 
     assert sft.before != sft.after and all(isinstance(a, str) for a in sft.before + sft.after)
     predictions = {"base": sft.before + [""], "sft": sft.after + [""]}  # an empty answer must score, not crash
-    scores = {name: evaluation.score_all(texts, REFERENCES + ["A reference."]) for name, texts in predictions.items()}
+    offline = dict(model_type=evaluation.minilm_model_dir(), num_layers=6)  # BERTScore without the hub
+    scores = {name: evaluation.score_all(texts, REFERENCES + ["A reference."], **offline)
+              for name, texts in predictions.items()}
     for name, values in scores.items():
         assert all(0.0 <= v <= 100.0 for v in values.values()), (name, values)
     # the base answers at length in its own words; after SFT the answers take the training rows' short form
-    assert scores["sft"]["rougeL"] > scores["base"]["rougeL"], (scores, sft.before, sft.after)
+    assert scores["sft"]["ROUGE-L"] > scores["base"]["ROUGE-L"], (scores, sft.before, sft.after)
 
 
 def test_live_probe_is_reported_with_the_retention_guard(sft):
@@ -169,9 +171,9 @@ def _model_and_tokenizer(sft):
 def test_saved_adapters_reload_with_identical_greedy_answers(sft, smol):
     model, tokenizer = smol
     reloaded, reloaded_tokenizer = llmft.load_model(str(sft.adapters), max_seq_length=256)
-    prompts = HELD_OUT + ["The capital of Italy is"]
-    assert llmft.generate_batch(reloaded, reloaded_tokenizer, prompts, max_new_tokens=16, progress=False) == \
-        llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=16, progress=False)
+    for prompts in (HELD_OUT, ["The capital of Italy is"]):  # chats, then raw text (one kind per call)
+        assert llmft.generate_batch(reloaded, reloaded_tokenizer, prompts, max_new_tokens=16, progress=False) == \
+            llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=16, progress=False)
 
 
 def test_dpo_from_the_sft_adapters_prefers_the_chosen_answers(sft, tmp_path):
@@ -242,13 +244,13 @@ def test_intruder_dimensions_and_repair_on_the_real_model(sft, smol):
 
 def test_export_merged_reloads_with_the_same_answers(sft, tmp_path):
     model, tokenizer = llmft.load_model(str(sft.adapters), max_seq_length=256, load_in_4bit=False)
-    prompts = ["The capital of Italy is", HELD_OUT[0]]
-    expected = llmft.generate_batch(model, tokenizer, prompts, max_new_tokens=12, progress=False)
+    kinds = (["The capital of Italy is"], HELD_OUT[:1])  # raw text, then a chat (one kind per call)
+    expected = [llmft.generate_batch(model, tokenizer, p, max_new_tokens=12, progress=False) for p in kinds]
     merged = llmft.export_merged(model, tokenizer, tmp_path / "merged")
     assert not (merged / "adapter_config.json").exists()
     reloaded, reloaded_tokenizer = llmft.load_model(str(merged), max_seq_length=256, lora_r=None, load_in_4bit=False)
     assert reloaded_tokenizer.eos_token == "<|im_end|>"
-    got = llmft.generate_batch(reloaded, reloaded_tokenizer, prompts, max_new_tokens=12, progress=False)
+    got = [llmft.generate_batch(reloaded, reloaded_tokenizer, p, max_new_tokens=12, progress=False) for p in kinds]
     assert got == expected
 
 
