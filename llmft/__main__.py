@@ -88,11 +88,11 @@ def set_offline() -> None:
 
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[variable] = "1"
-    if "huggingface_hub" in sys.modules:
+    if sys.modules.get("huggingface_hub") is not None:  # imported (None: blocked)
         from huggingface_hub import constants
 
         constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
+    if sys.modules.get("datasets") is not None:
         from datasets import config
 
         config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = True

@@ -383,7 +383,8 @@ class ProbeCallback(TrainerCallback):
     With several processes (torchrun), each answers its share of the items and the answers are gathered
     (:func:`llmft.generate_batch` with ``across_processes=True``), so every process holds the same table and scores —
     the stop and best-checkpoint decisions that read them agree — in 1/N of the time. The answers may differ from a
-    single process's where batching changes greedy decoding (bf16; see GUIDE §7), never between processes.
+    single process's where batching changes greedy decoding (in bf16 on a CPU 46 of 64 batched answers equalled the
+    one-by-one ones, 64 of 64 in fp32), never between processes.
     """
 
     def __init__(self, probes, tokenizer=None, *, max_items: int | None = 32, max_new_tokens: int = 8,

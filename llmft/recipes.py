@@ -129,22 +129,28 @@ def check_recipe(recipe: dict, command: str, where: str = "recipe") -> None:
     """Check every name of every section against what it is passed to (a :class:`TypeError` naming the closest one)
     and the data and training values (a :class:`~llmft.configs.ConfigError` naming the option and the fix), of the
     recipe and of its unapplied ``smoke`` section alike, before anything loads."""
-    from llmft.trl_configs import config_from
-
-    config_cls = _options(command)
-    known = known_fields(command)
-    check_names(recipe["model"], known["model"], f"{where} [model]",
+    light = _light_options(command)
+    ours = set(field_names(light))
+    check_names(recipe["model"], field_names(ModelConfig), f"{where} [model]",
                 f"Fields are llmft.configs.ModelConfig's (llmft.load_model's): {field_names(ModelConfig)}.")
     if "name" not in recipe["model"]:
         raise ValueError(f"{where} [model]: `name` is required (a hub id, a local directory or {TESTING_MODEL})")
-    check_names(recipe["data"], known["data"], f"{where} [data]",
+    check_names(recipe["data"], field_names(DataConfig), f"{where} [data]",
                 f"Fields are llmft.recipes.DataConfig's: {field_names(DataConfig)}.")
-    check_names(recipe["training"], known["training"], f"{where} [training]",
-                f"Fields are llmft.configs.{config_cls.llmft_fields.__name__}'s or "
-                f"trl.{config_cls.trl_class.__name__}'s.")
+
+    def trl_checks(values):  # TRL's names and values: imports torch, TRL and Unsloth (seconds), so they come last
+        from llmft.trl_configs import config_from
+
+        config_cls = _options(command)
+        check_names(values, field_names(config_cls), f"{where} [training]",
+                    f"Fields are llmft.configs.{light.__name__}'s or trl.{config_cls.trl_class.__name__}'s.")
+        config_from(config_cls, command, values)
+
+    # llmft's own values first, with the light configs: `learning_rate: abc` is refused before torch is imported
     for section, check in (("model", lambda values: ModelConfig(**values)),
                            ("data", lambda values: DataConfig(**values)),
-                           ("training", lambda values: config_from(config_cls, command, values))):
+                           ("training", lambda values: light(**{k: v for k, v in values.items() if k in ours})),
+                           ("training", trl_checks)):
         try:
             check(recipe[section])
         except TypeError as exc:  # a required field left out
@@ -172,7 +178,9 @@ def apply_overrides(recipe: dict, arguments, command: str = "train") -> dict:
     import yaml
 
     recipe = copy.deepcopy(recipe)
-    known = known_fields(command)
+    # llmft's own fields need no TRL import; TRL's are looked up only for a name that is none of them
+    known = {"model": set(field_names(ModelConfig)), "data": set(field_names(DataConfig)),
+             "training": set(field_names(_light_options(command)))}
     arguments, i = list(arguments), 0
     while i < len(arguments):
         token = arguments[i]
@@ -189,9 +197,13 @@ def apply_overrides(recipe: dict, arguments, command: str = "train") -> dict:
         section, dot, field = name.partition(".")
         if dot:
             check_names([section], SECTIONS[:3], "command line", f"Sections are {list(SECTIONS[:3])}.")
+            if section == "training" and field not in known[section]:
+                known = known_fields(command)
             check_names([field], known[section], f"command line [{section}]", f"Fields of [{section}].")
         else:
             field = name.replace("-", "_")
+            if not any(field in names for names in known.values()):
+                known = known_fields(command)
             owners = [part for part in ("training", "model", "data") if field in known[part]]
             if not owners:
                 check_names([field], set().union(*known.values()), "command line",
@@ -200,6 +212,15 @@ def apply_overrides(recipe: dict, arguments, command: str = "train") -> dict:
         parsed = yaml.safe_load(value) if value.strip() else value
         recipe[section] = {**recipe.get(section, {}), field: parsed}
     return recipe
+
+
+def _light_options(command: str):
+    """llmft's own fields of ``command``'s training section (light: no torch)."""
+    from llmft.configs import DPORunConfig, SFTRunConfig
+
+    if command not in ("train", "dpo"):
+        raise ValueError(f"command={command!r}: use 'train' (SFT) or 'dpo'")
+    return SFTRunConfig if command == "train" else DPORunConfig
 
 
 def _options(command: str):

@@ -48,6 +48,23 @@ def test_package_configs_and_cli_help_without_torch(tmp_path):
     assert out.returncode == 0 and "KernelError" in out.stdout and "usage: python -m llmft" in out.stdout, out.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    (("--learning_rate", "abc"), "[training]: learning_rate='abc': not a number"),
+    (("--model.lora_r", "abc"), "[model]: lora_r='abc': not a number"),
+    (("--per_device_train_batch_size", "0"), "[training]: per_device_train_batch_size=0"),
+])
+def test_a_bad_recipe_value_is_refused_before_torch_is_imported(tmp_path, override, message):
+    """llmft's own fields are checked with the light configs before TRL (and so torch and Unsloth) is imported: the
+    refusal takes a moment, not the seconds of the GPU stack's import."""
+    code = BLOCK_HEAVY.split("import runpy")[0] + (
+        f"sys.argv = ['llmft', 'train', {str(REPO / 'recipes' / '01_sft.yaml')!r}, '--smoke', *{override!r}]\n"
+        "import runpy\n"
+        "runpy.run_module('llmft', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 _ORDER_PROBE = """
 import builtins, sys
 seen = []
