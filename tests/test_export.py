@@ -265,17 +265,17 @@ def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_al
 
 @pytest.mark.real_model
 @pytest.mark.slow
-@pytest.mark.numeric
 def test_real_model_q8_0_gguf_answers_like_the_merged_model_at_least_7_of_8(smol_sft):
-    # q8_0 rounds every weight: a greedy answer changes where two next tokens were nearly tied. Which prompts have a
-    # near-tie depends on the fine-tune, and the fine-tune on Unsloth's precision: measured 7/8 after the fp32 run,
-    # 6/8 after the bf16 run (one answer names "red" before "blue", one differs after 26 words).
-    from conftest import BF16
-
+    # q8_0 rounds every weight: a greedy answer changes where two next tokens were nearly tied. Which of the 8 prompts
+    # have a near-tie depends on the fine-tune's exact weights, so on Unsloth's precision: after the fp32 fine-tune
+    # 7/8 (2 threads) and at least 7/8 (1 thread); after a bf16 fine-tune 6/8 and, in another run, 5/8 (one answer names
+    # "red" before "blue", one differs after 26 words). Not a `numeric` test for that reason: its count is a property
+    # of one fine-tune, checked on the fp32 one (both models are compared in fp32 either way). The f16 file, which
+    # must be exact, is checked in both precisions above.
     model, tokenizer, folder = smol_sft
     result = llmft.export_gguf(model, tokenizer, folder / "smol-q8", "q8_0")
     print(f"real model q8_0: {result} | seconds {result.seconds}")
-    assert result.identical >= (6 if BF16 else 7) and result.total == 8, result.answers
+    assert result.identical >= 7 and result.total == 8, result.answers
     assert export.gguf_metadata(result.gguf)["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
     assert result.gguf_bytes < 0.6 * result.merged_bytes
     modelfile = result.modelfile.read_text()
