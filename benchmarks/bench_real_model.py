@@ -5,16 +5,16 @@ ShareGPT rows, the same LoRA, batch, learning rate and number of steps; no evalu
 
     python benchmarks/bench_real_model.py [--steps 12] [--repeats 2] [--batch 4]
 
-Runs alternate (plain, llmft, plain, llmft, ...) in one process; each builds its model from scratch. Per run: the
-median step time (steps after the first two, from on_step_begin to on_step_end) and the peak memory during
-``train`` (CUDA: torch.cuda.max_memory_allocated; CPU: the process's resident memory above its level before
-training, sampled every 20 ms). Prints the ratio llmft/plain of the median step times (target <= 1.05).
+Runs alternate (plain, llmft, plain, llmft, ...), each in a fresh subprocess that builds its model from scratch, so
+one run's memory cannot hide in another's. Per run: the median step time (steps after the first two, from
+on_step_begin to on_step_end) and the peak memory (CUDA: torch.cuda.max_memory_allocated during ``train``; CPU: the
+process's peak resident memory, ``ru_maxrss``, loading included). Prints the ratio llmft/plain of the median step
+times (target <= 1.05).
 """
 import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,44 +39,6 @@ class StepTimer:
                 timer.times.append(time.perf_counter() - timer.start)
 
         self.times, self.start, self.callback = [], 0.0, _Callback()
-
-
-class PeakMemory:
-    """Peak memory while a block runs: CUDA allocations on a GPU, else resident memory above the starting level."""
-
-    def __enter__(self):
-        import psutil
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.process, self.stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self.process.memory_info().rss
-
-        def sample():
-            while not self.stop.is_set():
-                self.peak = max(self.peak, self.process.memory_info().rss)
-                time.sleep(0.02)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-            self.above_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        else:
-            self.stop.set()
-            self.thread.join()
-            self.peak_mb, self.above_mb = self.peak / 2**20, (self.peak - self.base) / 2**20
 
 
 def rows():
@@ -114,38 +76,62 @@ def make(kind, out, steps, batch, timer):
     return trainer, trainer.train
 
 
+def one_run(kind: str, steps: int, batch: int) -> dict:
+    """One run of ``kind`` in this process: its median step time and peak memory (MiB)."""
+    import resource
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        timer = StepTimer()
+        trainer, run = make(kind, out, steps, batch, timer)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+        assert trainer.state.global_step == steps, (kind, trainer.state.global_step)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    return {"step": statistics.median(timer.times[2:] or timer.times), "wall": wall, "peak_mb": peak}
+
+
 def main() -> None:
+    import json
+    import subprocess
+    import sys
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--one", choices=("plain", "llmft"), help=argparse.SUPPRESS)  # a single run (subprocess)
     args = parser.parse_args()
+    if args.one:
+        print("RESULT=" + json.dumps(one_run(args.one, args.steps, args.batch)), flush=True)
+        return
 
-    step_times, peaks, walls = {"plain": [], "llmft": []}, {"plain": [], "llmft": []}, {"plain": [], "llmft": []}
+    results = {"plain": [], "llmft": []}
     for _ in range(args.repeats):
         for kind in ("plain", "llmft"):
-            with tempfile.TemporaryDirectory() as out:
-                timer = StepTimer()
-                trainer, run = make(kind, out, args.steps, args.batch, timer)
-                start = time.perf_counter()
-                with PeakMemory() as memory:
-                    run()
-                walls[kind].append(time.perf_counter() - start)
-                assert trainer.state.global_step == args.steps, (kind, trainer.state.global_step)
-                step_times[kind].append(statistics.median(timer.times[2:] or timer.times))
-                peaks[kind].append(memory.above_mb)
-                print(f"{kind:5s}: median step {step_times[kind][-1]:.3f} s, train() {walls[kind][-1]:.1f} s, "
-                      f"peak memory +{memory.above_mb:.0f} MiB ({memory.peak_mb:.0f} MiB)", flush=True)
-                del trainer, run
-    plain, ours = statistics.median(step_times["plain"]), statistics.median(step_times["llmft"])
+            done = subprocess.run([sys.executable, __file__, "--one", kind, "--steps", str(args.steps), "--batch",
+                                   str(args.batch)], capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.rsplit("RESULT=", 1)[1])
+            results[kind].append(result)
+            print(f"{kind:5s}: median step {result['step']:.3f} s, train() {result['wall']:.1f} s, peak memory "
+                  f"{result['peak_mb']:.0f} MiB", flush=True)
+    plain = statistics.median(r["step"] for r in results["plain"])
+    ours = statistics.median(r["step"] for r in results["llmft"])
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU, {os.environ.get('OMP_NUM_THREADS') or os.cpu_count()} threads")
     print(f"{args.steps} steps at batch {args.batch}, {args.repeats} alternating repeats, {device}")
     print(f"median step: plain Unsloth+TRL {plain:.3f} s, llmft {ours:.3f} s; ratio llmft/plain = {ours / plain:.3f} "
           "(target <= 1.05)")
-    print(f"peak memory above the pre-training level (median): plain {statistics.median(peaks['plain']):.0f} MiB, "
-          f"llmft {statistics.median(peaks['llmft']):.0f} MiB")
+    print("peak memory (median): plain {:.0f} MiB, llmft {:.0f} MiB".format(
+        statistics.median(r["peak_mb"] for r in results["plain"]),
+        statistics.median(r["peak_mb"] for r in results["llmft"])))
 
 
 if __name__ == "__main__":

@@ -286,10 +286,32 @@ def pinned_download(distribution: str, version: str, sha256: str, folder: str | 
 
 def build_atomically(target: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and rename the result to ``target``; reuse ``target`` when it is already complete (it
-    holds ``.complete``), so a crash or a kill never leaves a half-built folder that looks finished."""
+    holds ``.complete``), so a crash or a kill never leaves a half-built folder that looks finished. Processes that
+    need the same ``target`` at once (the workers of one torchrun job) build it one at a time: the first builds under
+    an exclusive lock (``fcntl.flock`` on ``.<name>.lock`` beside it), the others wait and reuse its result. Without
+    the lock, two workers building one tiny model together left, once in six runs of the two-process tests, a folder
+    holding only the tokenizer files. A folder left without ``.complete`` is built again."""
+    import fcntl
+
     target = Path(target)
     if (target / ".complete").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (and by the kernel if the process dies)
+        if (target / ".complete").exists():  # built by another process while this one waited
+            return target
+        if target.exists():  # a leftover without .complete (an older llmft, a crash between rename and marker)
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:

@@ -10,6 +10,8 @@ import torch
 import llmft
 from llmft import runtime
 
+from conftest import REPO
+
 HUB_ID = "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"
 
 
@@ -169,3 +171,37 @@ def test_previous_adapters_are_found_where_each_platform_keeps_them_or_stop_with
     monkeypatch.setattr(runtime, "DRIVE_ROOT", str(drive_root))
     on_drive = _adapters(drive_root / "02_dpo" / "adapters")
     assert runtime.previous_adapters("02_dpo", made_by="02_dpo.ipynb") == on_drive
+
+_CONCURRENT_BUILD = """
+import sys, time
+from pathlib import Path
+from llmft.runtime import build_atomically
+
+def build(tmp):
+    with open(sys.argv[2], "a") as log:
+        log.write("built\\n")
+    (tmp / "config.json").write_text("{}")
+    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    (tmp / "model.safetensors").write_text("weights")
+
+print(sorted(p.name for p in build_atomically(Path(sys.argv[1]), build).iterdir()))
+"""
+
+
+def test_processes_building_one_folder_at_once_build_it_once(tmp_path):
+    """The workers of one torchrun job build the same tiny model at the same moment: one builds, the other waits for
+    it and reuses the complete folder (two workers building together once left a folder with a part of the files)."""
+    import subprocess
+
+    target, log = tmp_path / "cache" / "model-x", tmp_path / "builds.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    workers = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_BUILD, str(target), str(log)], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [worker.communicate(timeout=120)[0].strip() for worker in workers]
+    assert all(w.returncode == 0 for w in workers)
+    assert outputs == ["['.complete', 'config.json', 'model.safetensors']"] * 3
+    assert log.read_text() == "built\n"  # once
+    (target / ".complete").unlink()  # a folder left without its marker is built again, not trusted
+    assert "model.safetensors" in subprocess.run([sys.executable, "-c", _CONCURRENT_BUILD, str(target), str(log)],
+                                                 env=env, capture_output=True, text=True, timeout=120).stdout
+    assert log.read_text() == "built\nbuilt\n"
