@@ -7,7 +7,8 @@ ShareGPT rows, the same LoRA, batch, learning rate and number of steps; no evalu
 
 Runs alternate (plain, llmft, plain, llmft, ...), each in a fresh subprocess that builds its model from scratch, so
 one run's memory cannot hide in another's. Per run: the median step time (steps after the first two, from
-on_step_begin to on_step_end) and the peak memory (CUDA: torch.cuda.max_memory_allocated during ``train``; CPU: the
+on_step_begin to on_step_end; wall time, and the process's CPU time, which other jobs on the machine disturb far
+less) and the peak memory (CUDA: torch.cuda.max_memory_allocated during ``train``; CPU: the
 process's peak resident memory, ``ru_maxrss``, loading included). Prints the ratio llmft/plain of the median step
 times (target <= 1.05).
 """
@@ -33,12 +34,13 @@ class StepTimer:
 
         class _Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                timer.start = time.perf_counter()
+                timer.start, timer.cpu_start = time.perf_counter(), time.process_time()
 
             def on_step_end(self, args, state, control, **kwargs):
                 timer.times.append(time.perf_counter() - timer.start)
+                timer.cpu_times.append(time.process_time() - timer.cpu_start)
 
-        self.times, self.start, self.callback = [], 0.0, _Callback()
+        self.times, self.cpu_times, self.start, self.cpu_start, self.callback = [], [], 0.0, 0.0, _Callback()
 
 
 def rows():
@@ -93,7 +95,8 @@ def one_run(kind: str, steps: int, batch: int) -> dict:
         assert trainer.state.global_step == steps, (kind, trainer.state.global_step)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-    return {"step": statistics.median(timer.times[2:] or timer.times), "wall": wall, "peak_mb": peak}
+    return {"step": statistics.median(timer.times[2:] or timer.times),
+            "cpu_step": statistics.median(timer.cpu_times[2:] or timer.cpu_times), "wall": wall, "peak_mb": peak}
 
 
 def main() -> None:
@@ -118,8 +121,8 @@ def main() -> None:
                                    str(args.batch)], capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.rsplit("RESULT=", 1)[1])
             results[kind].append(result)
-            print(f"{kind:5s}: median step {result['step']:.3f} s, train() {result['wall']:.1f} s, peak memory "
-                  f"{result['peak_mb']:.0f} MiB", flush=True)
+            print(f"{kind:5s}: median step {result['step']:.3f} s ({result['cpu_step']:.3f} s of CPU), train() "
+                  f"{result['wall']:.1f} s, peak memory {result['peak_mb']:.0f} MiB", flush=True)
     plain = statistics.median(r["step"] for r in results["plain"])
     ours = statistics.median(r["step"] for r in results["llmft"])
     import torch
@@ -129,6 +132,10 @@ def main() -> None:
     print(f"{args.steps} steps at batch {args.batch}, {args.repeats} alternating repeats, {device}")
     print(f"median step: plain Unsloth+TRL {plain:.3f} s, llmft {ours:.3f} s; ratio llmft/plain = {ours / plain:.3f} "
           "(target <= 1.05)")
+    plain_cpu = statistics.median(r["cpu_step"] for r in results["plain"])
+    ours_cpu = statistics.median(r["cpu_step"] for r in results["llmft"])
+    print(f"median CPU time per step (the work, steadier than wall time when other jobs share the machine): plain "
+          f"{plain_cpu:.3f} s, llmft {ours_cpu:.3f} s; ratio {ours_cpu / plain_cpu:.3f}")
     print("peak memory (median): plain {:.0f} MiB, llmft {:.0f} MiB".format(
         statistics.median(r["peak_mb"] for r in results["plain"]),
         statistics.median(r["peak_mb"] for r in results["llmft"])))

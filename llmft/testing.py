@@ -301,10 +301,24 @@ def tiny_model_dir(arch: str = "llama", hidden_size: int = 64, num_layers: int =
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
         model.generation_config.bos_token_id = tok.bos_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_everywhere(model, tmp)
         tok.save_pretrained(tmp)
 
     return _build_atomically(_spec_dir(f"model-{arch}", spec), build)
+
+
+def _save_everywhere(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` that writes in every process. Under torchrun, once torch.distributed is
+    initialized (building a TRL config does it), transformers writes weights and config only on rank 0; a tiny
+    model built by another rank came out as a folder holding only the tokenizer (two-process tests failed whole,
+    now and then, when rank 1 built first). The files are the same as save_pretrained's: config, generation config,
+    one safetensors file."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,23 @@ def test_tiny_assets_are_deterministic_across_caches(tmp_path, monkeypatch):
     assert (second / "model.safetensors").exists() and (second / "tokenizer.json").exists()
 
 
+def test_a_tiny_model_built_by_a_worker_that_is_not_rank_0_is_whole(tmp_path, monkeypatch):
+    """Under torchrun, once torch.distributed is initialized, transformers' save_pretrained writes nothing on ranks
+    other than 0: the tiny model a rank-1 worker built was a folder with only the tokenizer (and the two-process
+    tests failed whole, now and then)."""
+    from transformers.distributed import mixin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    monkeypatch.setenv("LLMFT_CACHE", str(tmp_path))
+    path = testing.tiny_model_dir("llama")
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in path.iterdir()}
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"
+
+
 def test_cache_is_reused_and_complete(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMFT_CACHE", str(tmp_path))
     path = testing.tiny_model_dir("qwen2")
