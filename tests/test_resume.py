@@ -39,7 +39,7 @@ def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path):
     stopper = callbacks.find_callback(resumed, callbacks.EarlyStopping)
     assert stopper.stopped_at_step == 30  # the counter (3 bad evaluations at step 20) carried over
 
-    rows = _same_rows(out, tmp_path / "reference", steps=30, every=5, keys={
+    _same_rows(out, tmp_path / "reference", steps=30, every=5, keys={
         "train": ("loss", "learning_rate", "grad_norm", "num_tokens"), "eval": ("eval_loss",),
         "summary": ("train_loss",)})
     best = callbacks.find_callback(resumed, callbacks.BestCheckpoint)
