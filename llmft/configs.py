@@ -376,24 +376,17 @@ SFTOptions = SFTRunConfig  # the names notebooks and recipes used first
 DPOOptions = DPORunConfig
 
 
-def options_from(config_cls, builder: str, trl_config_cls, given: dict, base=None):
-    """Split keyword options into (``config_cls`` instance, passthrough dict of ``trl_config_cls`` fields); unknown
-    names get a suggestion.
-    ``base``: a ``config_cls`` instance (or dict of its fields) the keywords override."""
+def options_from(config_cls, builder: str, given: dict, base=None):
+    """A ``config_cls`` instance from keyword options ``given`` over ``base`` (an instance or a dict of its fields);
+    unknown names get a suggestion. (The trainers' configs, which add TRL's fields, are made by
+    :func:`llmft.trl_configs.config_from`.)"""
     if isinstance(base, dict):  # a recipe's section: its names are checked like keywords
         given, base = {**base, **given}, None
     ours = set(field_names(config_cls))
-    trl_fields = set(field_names(trl_config_cls)) if trl_config_cls is not None else set()
-    trl_hint = f" or trl.{trl_config_cls.__name__} fields" if trl_config_cls is not None else ""
-    check_names(given, ours | trl_fields, builder,
-                f"Options are {builder}'s own (llmft.configs.{config_cls.__name__}){trl_hint}.")
+    check_names(given, ours, builder, f"Options are {builder}'s own (llmft.configs.{config_cls.__name__}).")
     if isinstance(base, config_cls):
         base = {name: getattr(base, name) for name in ours}
-    values = {**(base or {}), **{k: v for k, v in given.items() if k in ours}}
-    passthrough = {k: v for k, v in given.items() if k not in ours}
-    if trl_config_cls is not None:  # TRL's numbers too: "1e-8" from a YAML recipe is a number
-        coerce_numbers(passthrough, [f for f in dataclasses.fields(trl_config_cls) if f.name in passthrough])
-    return config_cls(**values), passthrough
+    return config_cls(**{**(base or {}), **given})
 
 
 def jsonable(value):

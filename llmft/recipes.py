@@ -34,9 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmft.configs import (  # noqa: F401  (SFTOptions, options_from: also llmft.recipes.*)
-    ConfigError, ModelConfig, SFTOptions, check_names, field_names, options_from,
-)
+from llmft.configs import ConfigError, ModelConfig, check_names, field_names
 from llmft.data import DataError
 from llmft.log import say
 from llmft.environment import DEFAULT_SEED, is_main_process

@@ -287,10 +287,10 @@ def pinned_download(distribution: str, version: str, sha256: str, folder: str | 
 def build_atomically(target: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and rename the result to ``target``; reuse ``target`` when it is already complete (it
     holds ``.complete``), so a crash or a kill never leaves a half-built folder that looks finished. Processes that
-    need the same ``target`` at once (the workers of one torchrun job) build it one at a time: the first builds under
-    an exclusive lock (``fcntl.flock`` on ``.<name>.lock`` beside it), the others wait and reuse its result. Without
-    the lock, two workers building one tiny model together left, once in six runs of the two-process tests, a folder
-    holding only the tokenizer files. A folder left without ``.complete`` is built again."""
+    need the same ``target`` at once (the workers of one torchrun job) build it once: the first builds under an
+    exclusive lock (``fcntl.flock`` on ``.<name>.lock`` beside it), the others wait and reuse its result instead of
+    each building the same folder (three processes built it three times without the lock). A folder left without
+    ``.complete`` is built again."""
     import fcntl
 
     target = Path(target)

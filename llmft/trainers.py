@@ -532,7 +532,7 @@ def attach_training_control(trainer, config: TrainingControlConfig | None = None
 
     A ``scheduler`` needs a trainer built on :class:`TrainerMixin` (what :func:`build_trainer` and
     :func:`build_dpo_trainer` return), whose ``create_scheduler`` uses it."""
-    c, _ = options_from(TrainingControlConfig, "attach_training_control", None, options, base=config)
+    c = options_from(TrainingControlConfig, "attach_training_control", options, base=config)
     out = Path(trainer.args.output_dir)
     evaluates = (trainer.eval_dataset is not None
                  and str(trainer.args.eval_strategy) not in ("no", "IntervalStrategy.NO"))

@@ -138,13 +138,13 @@ def test_numbers_written_as_strings_are_numbers():
     assert options.weight_decay_ramp == (0.0, 0.1) and DistillConfig(weight="0.5").weight == 0.5
     assert SFTOptions(max_steps=5, num_train_epochs=0).max_steps == 5  # epochs only count with max_steps=-1
     assert SFTOptions(max_steps=-1).max_steps == -1 and DPOOptions(beta="0.2").beta == 0.2
-    import trl
+    from llmft.trl_configs import LlmftSFTConfig, config_from
 
-    # TRL's own numbers passed through too
-    _, passthrough = configs.options_from(SFTOptions, "build_trainer", trl.SFTConfig, {"adam_epsilon": "1e-8"})
-    assert passthrough == {"adam_epsilon": 1e-8}
+    # TRL's own numbers too, in the trainer's config
+    passthrough = config_from(LlmftSFTConfig, "build_trainer", None, {"adam_epsilon": "1e-8"})
+    assert passthrough.adam_epsilon == 1e-8
     with pytest.raises(configs.ConfigError, match=r"adam_beta2='x': not a number"):
-        configs.options_from(SFTOptions, "build_trainer", trl.SFTConfig, {"adam_beta2": "x"})
+        config_from(LlmftSFTConfig, "build_trainer", None, {"adam_beta2": "x"})
 
 
 @pytest.mark.parametrize("beta", [0, -0.1, "0"])

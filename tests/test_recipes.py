@@ -131,9 +131,9 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     recipe = recipes.load_recipe(path)
     assert recipe["training"]["learning_rate"] == "2e-4"  # what PyYAML reads (YAML 1.1 wants 2.0e-4)
     recipes.check_recipe(recipe, "train", str(path))
-    import trl
+    from llmft.trl_configs import LlmftSFTConfig, config_from
 
-    options, _ = recipes.options_from(recipes.SFTOptions, "train", trl.SFTConfig, recipe["training"])
+    options = config_from(LlmftSFTConfig, "train", recipe["training"])
     assert options.learning_rate == 2e-4 and options.num_train_epochs == 0.1
 
 
