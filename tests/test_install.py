@@ -200,16 +200,18 @@ def test_a_failed_preflight_leaves_no_llmft_so_the_install_cell_runs_again_and_p
 
 @pytest.fixture(scope="session")
 def torch_venv_template():
-    """A virtualenv holding only torch==2.13.0 (CPU build) and ipykernel, as an image holds its torch; built once."""
+    """A virtualenv holding only torch==2.13.0 (CPU build) and ipykernel, as an image holds its torch; built once (under
+    a lock: the pytest-xdist workers of one run wait for the first one's build instead of building over it)."""
+    from llmft import runtime
+
     cache = Path(os.environ.get("LLMFT_TEST_VENV_CACHE") or Path.home() / ".cache" / "llmft-tests")
-    root = cache / f"torch-{TORCH}-py{sys.version_info.major}{sys.version_info.minor}"
-    if not (root / "ready").exists():
-        shutil.rmtree(root, ignore_errors=True)
+
+    def build(root):
         subprocess.run(["python3", "-m", "venv", str(root)], check=True)
         subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "-q", f"torch=={TORCH}", "ipykernel"],
                        check=True)
-        (root / "ready").touch()
-    return root
+
+    return runtime.build_atomically(cache / f"torch-{TORCH}-py{sys.version_info.major}{sys.version_info.minor}", build)
 
 
 @pytest.fixture()
