@@ -60,6 +60,17 @@ def test_dtype_policy_on_this_machine():
         torch.float16, torch.bfloat16)
 
 
+def test_pinned_cpu_precision_sets_threads_and_precision_and_restores_both():
+    """What the demo pins so that its numbers do not move between machines (llmft.demo.THREADS, fp32)."""
+    saved_env, saved_threads = os.environ.get("UNSLOTH_CPU_BF16"), torch.get_num_threads()
+    threads = 2 if saved_threads != 2 else 1
+    with _unsloth.pinned_cpu_precision(bf16=False, threads=threads) as pinned:
+        assert pinned == {"device": "cpu", "compute_dtype": "float32", "threads": threads}
+        assert torch.get_num_threads() == threads and os.environ["UNSLOTH_CPU_BF16"] == "0"
+        assert models.cpu_compute_dtype() == "float32"
+    assert torch.get_num_threads() == saved_threads and os.environ.get("UNSLOTH_CPU_BF16") == saved_env
+
+
 @pytest.mark.numeric
 def test_adapters_round_trip_gives_identical_generations(lora_model, tmp_path):
     model, tokenizer = lora_model

@@ -1,7 +1,6 @@
 """Forgetting probes and distillation against forgetting."""
 import gc
 
-import pandas as pd
 import pytest
 import torch
 from datasets import Dataset

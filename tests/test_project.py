@@ -92,8 +92,13 @@ def test_sft_demo_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
-    """The main job's code path end to end with a tiny budget (the full run's numbers are in the issue note)."""
+def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path, monkeypatch):
+    """The main job's code path end to end with a tiny budget (the full run's numbers are in the issue note). One
+    pinned thread instead of the demo's two: scripts/test.sh runs a test on each core, and two threads on a busy core
+    made this test 157 s instead of 34 s (the pinning itself: tests/test_models.py)."""
+    from llmft import demo
+
+    monkeypatch.setattr(demo, "THREADS", 1)
     out = tmp_path / "demo"
     assert main(["demo", "--mcq-rows", "8", "--probe-items", "12", "--seeds", "1,2", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -105,14 +110,14 @@ def test_forgetting_demo_plumbing_on_a_small_budget(tmp_path):
     assert sorted({r["seed"] for r in results["runs"] if r["seed"] is not None}) == [1, 2]
     assert results["probe_items"] == 12 and all(0 <= r["probe_accuracy"] <= 1 for r in results["runs"])
     assert {r["mitigation_lambda"] for r in results["repair_sweeps"]} == {1.0, 0.5, 0.0}
-    assert results["precision"] == {"device": "cpu", "compute_dtype": "float32", "threads": 2}  # pinned ...
+    assert results["precision"] == {"device": "cpu", "compute_dtype": "float32", "threads": 1}  # pinned ...
     assert os.environ.get("UNSLOTH_CPU_BF16") == PRECISION_ENV  # ... inside the demo only
     assert gc.get_freeze_count() == 0  # the heap it froze for speed is thawed again
     assert set(results["checks"]) == {"short_run_learned", "full_run_learned", "full_run_forgot"}
     curve = load_metrics(out / "runs" / "1_epoch" / "seed-1")  # the live probe, at every evaluation
     assert curve.dropna(subset=["eval_probe/fibonacci"])["step"].tolist() == [0, 1, 2]  # from the base on
     summary = (out / "summary.md").read_text()
-    assert "The CodeMMLU report's claim" in summary and "Computed in float32 with 2 CPU thread" in summary
+    assert "The CodeMMLU report's claim" in summary and "Computed in float32 with 1 CPU thread" in summary
     assert summary.count("\n| ") == 1 + len(names)  # header + one row per run
     assert [v["run"] for v in results["versus_1_epoch"]] == names[3:]
     assert "- 1 epoch + KD: Fibonacci probe " in summary

@@ -2,7 +2,7 @@
 import pytest
 
 import llmft
-from llmft import schedulers, testing
+from llmft import schedulers
 
 
 def test_chebyshev_step_sizes_for_T8():
