@@ -425,7 +425,8 @@ def mcq_rows(dataset, *, eos_token: str | None = None, with_answers: bool = True
     letter as :func:`llmft.mcq.score_choices` reads it, and the end of sequence). Rows whose answer cannot be resolved
     are skipped and reported by task_id; malformed rows raise :class:`DataError` naming the row and field. Letters
     never shift: trailing empty options (``answer_d=""`` on a three-choice row) just mean fewer choices, and an empty
-    option before a filled one is a :class:`DataError` naming the row and field. ``with_answers=False`` for test rows without answers.
+    option before a filled one is a :class:`DataError` naming the row and field. ``with_answers=False`` for test rows
+    without answers.
     """
     columns = dataset.column_names
     letter_columns = [f"answer_{c}" for c in "abcdefghij" if f"answer_{c}" in columns]

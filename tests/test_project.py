@@ -31,7 +31,8 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     # every test once in fp32 (slow tier included unless --fast), then the precision-dependent ones again in bf16
     assert 'UNSLOTH_CPU_BF16=0 python -m pytest "${parallel[@]}" -m "$tier"' in runner
     assert 'UNSLOTH_CPU_BF16=1 python -m pytest "${parallel[@]}" -m "numeric and ($tier)"' in runner
-    assert 'tier="not wheelhouse"' in runner and 'parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)' in runner
+    assert 'tier="not wheelhouse"' in runner
+    assert 'parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)' in runner
     assert "--durations=15" in runner
 
 
