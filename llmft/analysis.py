@@ -226,13 +226,16 @@ class RepairResult:
 
     ``table``: one row per λ (``mitigation_lambda``, ``probe``, ``task``, ``modules_changed``, ``chosen``);
     ``chosen_lambda`` and ``factors`` (the chosen adapter's LoRA weights, in memory: :meth:`apply` writes them into a
-    model); ``path``: where the chosen adapter was saved (reload with ``llmft.load_model(path)``), or None."""
+    model); ``intruders``: the adapter's intruder dimensions as :func:`intruder_dimensions` reports them, from the
+    sweep's own SVDs (no need to compute them twice); ``path``: where the chosen adapter was saved (reload with
+    ``llmft.load_model(path)``), or None."""
 
     table: object
     chosen_lambda: float
     factors: dict = field(repr=False)
     adapter: str = "default"
     path: str | None = None
+    intruders: object = field(default=None, repr=False)
 
     def apply(self, model) -> None:
         set_lora_factors(model, self.factors, self.adapter)
@@ -261,7 +264,8 @@ def repair_sweep(model, tokenizer, probe, task: Callable, lambdas: Sequence[floa
     The choice: among the λ whose task score is within ``max_task_drop`` of the unrepaired adapter's (λ = 1, always
     measured), the one with the best probe score; ties go to the larger λ (the smaller change). The SVDs are computed
     once for the whole sweep. The model is left with its original adapter; ``result.apply(model)`` installs the
-    chosen one, and ``save_dir`` saves it (with the tokenizer and the table as ``repair_sweep.csv``).
+    chosen one, and ``save_dir`` saves it (with the tokenizer and the table as ``repair_sweep.csv``). The intruder
+    table of the adapter comes with the result (``result.intruders``).
     """
     import pandas as pd
 
@@ -291,7 +295,7 @@ def repair_sweep(model, tokenizer, probe, task: Callable, lambdas: Sequence[floa
     chosen = allowed.sort_values(["probe", "mitigation_lambda"], ascending=False).iloc[0]["mitigation_lambda"]
     table["chosen"] = table["mitigation_lambda"] == chosen
     result = RepairResult(table, float(chosen), {k: (a.cpu(), b.cpu()) for k, (a, b) in candidates[chosen].items()},
-                          adapter)
+                          adapter, intruders=_table(spectra))
     if save_dir is not None:
         from llmft.models import save_adapters
 

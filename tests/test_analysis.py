@@ -3,6 +3,7 @@ import math
 import re
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 
@@ -136,6 +137,9 @@ def test_repair_sweep_table_choice_and_saved_adapter(lora_model, tmp_path):
     for name, (a, b) in analysis.lora_factors(model).items():  # the model keeps its original adapter
         assert torch.equal(a, original[name][0]) and torch.equal(b, original[name][1])
     assert _logits(model, tokenizer) == pytest.approx(before, **TOL)
+    intruders = analysis.intruder_dimensions(model)  # the sweep's own table: the same SVDs, the original adapter
+    assert intruders["count"].sum() >= 1
+    pd.testing.assert_frame_equal(result.intruders, intruders)
     assert (tmp_path / "repaired" / "repair_sweep.csv").exists()
     reloaded, tok2 = llmft.load_model(result.path, max_seq_length=128)
     result.apply(model)

@@ -239,8 +239,6 @@ def test_intruder_dimensions_and_repair_on_the_real_model(sft, smol):
     from llmft import analysis
 
     model, tokenizer = smol
-    table = analysis.intruder_dimensions(model)
-    assert len(table) == 30 * 7  # every LoRA module of the 30 layers
     before = {name: tuple(t.clone() for t in factors) for name, factors in analysis.lora_factors(model).items()}
     probe = sft.probe.subset(range(min(16, len(sft.probe.prompts))))
 
@@ -249,8 +247,10 @@ def test_intruder_dimensions_and_repair_on_the_real_model(sft, smol):
             llmft.generate_batch(m, t, HELD_OUT, max_new_tokens=8, progress=False), REFERENCES)))
 
     result = analysis.repair_sweep(model, tokenizer, probe, task, lambdas=(1.0, 0.0), max_new_tokens=6)
-    sweep = result.table
-    assert len(sweep) == 2
+    assert len(result.table) == 2
+    table = result.intruders  # as analysis.intruder_dimensions reports them (tests/test_analysis.py), same SVDs
+    assert len(table) == 30 * 7 and set(table["layer"]) == set(range(30))  # every LoRA module of the 30 layers
+    assert table["relative_delta"].gt(0).all() and table["similarities"].map(len).eq(analysis.TOP_K).all()
     after = analysis.lora_factors(model)
     assert all(all((a == b).all() for a, b in zip(before[name], after[name])) for name in before)
 
