@@ -10,7 +10,8 @@ import pytest
 import llmft
 from llmft import runtime, testing
 
-pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(1800)]  # the shared fixture calibrates and trains: minutes
+# the shared fixture calibrates and trains: minutes
+pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(1800)]
 SOURCE = testing.REAL_MODELS["smollm2"]
 
 
@@ -72,6 +73,7 @@ HELD_OUT = [[{"role": "user", "content": q}] for q in
 REFERENCES = ["The capital of Peru is Lima.", "21 plus 17 is 38.",
               "Recursion is when a function calls itself on a smaller version of the problem."]
 PROBE_CANDIDATES_EVERY = 4  # a quarter of the ~500 knowledge candidates: calibrating all costs minutes on 2 cores
+SFT_STEPS = 6  # held-out loss 3.55 -> 2.24 by step 6 in fp32 (1.99 at step 12): enough to move answers and adapters
 LIVE_PROBE_ITEMS = 16
 
 
@@ -96,8 +98,9 @@ def sft(smol, tmp_path_factory):
     rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(64, seed=1)), verbose=False)
     train, held = rows.select(range(48)), rows.select(range(48, 64))
     trainer = llmft.build_trainer(
-        model, tokenizer, train, held, output_dir=str(run.dir), max_steps=12, per_device_train_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=2, eval_steps=6, save_steps=6,
+        model, tokenizer, train, held, output_dir=str(run.dir), max_steps=SFT_STEPS, per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=1, eval_steps=SFT_STEPS // 2,
+        save_steps=SFT_STEPS // 2,
         logging_steps=1, probes=llmft.ProbeCallback([run.probe], max_items=LIVE_PROBE_ITEMS, max_new_tokens=6),
         retain={run.probe.name: 0.5}, retain_patience=None, early_stopping_patience=None, keep_best=1,
         verbose=False, disable_tqdm=True)
@@ -126,7 +129,7 @@ def test_sft_trains_responses_only_and_held_out_loss_falls(sft, smol):
         trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
         assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained and "user" not in trained[:5]
         assert "SmolLM" not in trained  # the template's default system prompt carries no loss
-    assert sft.result.global_step == 12
+    assert sft.result.global_step == SFT_STEPS
     assert sft.eval_after < sft.eval_before - 0.1, (sft.eval_before, sft.eval_after)
 
 
@@ -159,7 +162,7 @@ def test_live_probe_is_reported_with_the_retention_guard(sft):
     assert best["best_step"] in kept if kept else best["best_step"] is None  # only evaluations that kept the probe
     retained = probes.retention(probes.run_probe(*_model_and_tokenizer(sft), sft.probe, max_new_tokens=6,
                                                  progress=False))
-    print(f"retention after 12 SFT steps: {retained.to_dict('records')} of {sft.probe.calibration}")
+    print(f"retention after {SFT_STEPS} SFT steps: {retained.to_dict('records')} of {sft.probe.calibration}")
     assert 0.0 <= retained["retention"].iloc[0] <= 1.0
 
 
@@ -202,7 +205,8 @@ def test_dpo_from_the_sft_adapters_prefers_the_chosen_answers(sft, tmp_path):
                                       learning_rate=1e-4, eval_steps=8, save_strategy="no", verbose=False,
                                       disable_tqdm=True, early_stopping_patience=None)
     llmft.train(trainer, resume=False)
-    metrics = trainer.evaluate()
+    metrics = [entry for entry in trainer.state.log_history if "eval_loss" in entry][-1]  # the evaluation at step 8
+    assert metrics["step"] == 8, trainer.state.log_history
     assert metrics["eval_rewards/accuracies"] > 0.5 and metrics["eval_rewards/margins"] > 0, metrics
 
 
@@ -214,7 +218,8 @@ def test_mcq_rows_train_and_constrained_letter_scoring(smol, tmp_path):
     scored = mcq.score_choices(model, tokenizer, rows["prompt"], rows["n_choices"], progress=False)
     assert set(scored["prediction"]) <= set("ABCD") and scored[["logprob_A", "logprob_D"]].notna().all().all()
     trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(tmp_path), max_steps=2,
-                                  per_device_train_batch_size=4, save_strategy="no", verbose=False, disable_tqdm=True)
+                                  per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no",
+                                  verbose=False, disable_tqdm=True)  # one micro-batch a step: 2 forward/backward, not 6
     result = llmft.train(trainer, resume=False)
     assert result.global_step == 2 and result.training_loss > 0
 
@@ -227,8 +232,8 @@ def test_distillation_from_the_adapter_disabled_base(smol, tmp_path):
     model, tokenizer = smol  # with the SFT adapters when the tier runs in order
     rows = data.sharegpt_to_messages(Dataset.from_list(testing.finetome_rows(8, seed=3)), verbose=False)
     trainer = llmft.build_trainer(model, tokenizer, rows, output_dir=str(tmp_path), max_steps=2,
-                                  per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
-                                  distill={"weight": 0.3}, verbose=False, disable_tqdm=True)
+                                  per_device_train_batch_size=4, gradient_accumulation_steps=1, logging_steps=1,
+                                  save_strategy="no", distill={"weight": 0.3}, verbose=False, disable_tqdm=True)
     llmft.train(trainer, resume=False)
     logged = [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]
     # the KL to the base is >= 0, and > 0 once the adapter differs from the base (after step 1 at the latest)
