@@ -454,7 +454,9 @@ def _size(path: Path) -> int:
 
 @dataclass
 class GGUFExport:
-    """What :func:`export_gguf` wrote and how it checked: files, sizes (bytes), seconds per step, greedy answers."""
+    """What :func:`export_gguf` wrote and how it checked: files, sizes (bytes), seconds per step, greedy answers, and
+    the file's tokenizer and model fields (``metadata``, from :func:`gguf_metadata`: reading them again costs seconds
+    for a large vocabulary)."""
 
     gguf: Path
     modelfile: Path
@@ -466,6 +468,7 @@ class GGUFExport:
     answers: list = field(default_factory=list)  # [{prompt, merged, gguf, same}]
     problems: list = field(default_factory=list)  # tokenizer / Modelfile findings, empty when all is well
     stop: list = field(default_factory=list)  # the Modelfile's stop tokens
+    metadata: dict = field(default_factory=dict, repr=False)  # the file's fields, as gguf_metadata read them
 
     @property
     def identical(self) -> int:
@@ -534,7 +537,7 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, quantization: str = "
                                  max_new_tokens=max_new_tokens, eos_token_ids=eos_ids)
     seconds["verify"] = round(time.time() - start, 1)
     result = GGUFExport(gguf, modelfile, merged_dir, quantization, _size(gguf), _size(merged_dir), seconds, answers,
-                        problems, stop_tokens(tokenizer, pieces, eos_ids))
+                        problems, stop_tokens(tokenizer, pieces, eos_ids), info)
     say(str(result))
     for answer in answers:
         if not answer["same"]:

