@@ -200,8 +200,9 @@ def test_dpo_from_the_sft_adapters_prefers_the_chosen_answers(sft, tmp_path):
     model, tokenizer = llmft.load_model(str(sft.adapters), max_seq_length=256)  # SFT adapters, trainable
     pairs = data.orca_to_dpo(Dataset.from_list(testing.orca_dpo_rows(40, seed=2)), verbose=False)
     train, held = pairs.select(range(32)), pairs.select(range(32, 40))
+    # 8 steps of 2 pairs: eval accuracy 1.0, margin 0.33 in fp32 (4 pairs a step: 1.0 and 0.35, 11 s more)
     trainer = llmft.build_dpo_trainer(model, tokenizer, train, held, output_dir=str(tmp_path), max_steps=8,
-                                      per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                      per_device_train_batch_size=2, gradient_accumulation_steps=1,
                                       learning_rate=1e-4, eval_steps=8, save_strategy="no", verbose=False,
                                       disable_tqdm=True, early_stopping_patience=None)
     llmft.train(trainer, resume=False)
