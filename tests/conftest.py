@@ -67,9 +67,10 @@ def pytest_collection_modifyitems(config, items):
     pytest-xdist workers in this order (``--dist loadfile --no-loadscope-reorder``): the long files start first and
     the short ones fill in at the end, instead of one worker starting the real-model tier while the other has nothing
     left (by name, the real tokenizers' 88 fast tests, 45 s, came last and left the other core idle for 20 s). The
-    slow files keep their order by name on purpose: it runs the notebooks' kernels after the two-process jobs on the
-    same worker, not beside them (an order that put them side by side took 680 and 690 s for pass 1 on this 2-core
-    machine, against 540 to 600 s in this order)."""
+    slow files keep their order by name, which runs the notebooks' kernels after the two-process jobs on the same
+    worker: an order that put them side by side took 680 and 691 s for pass 1 on this 2-core machine, this one 546
+    to 681 s in three runs (the machine's speed varied up to 1.9x meanwhile): not conclusive, so the measured order
+    stays."""
     rank, count = {}, {}
     for item in items:
         key = (item.get_closest_marker("real_model") is None, item.get_closest_marker("slow") is None)

@@ -73,7 +73,7 @@ HELD_OUT = [[{"role": "user", "content": q}] for q in
 REFERENCES = ["The capital of Peru is Lima.", "21 plus 17 is 38.",
               "Recursion is when a function calls itself on a smaller version of the problem."]
 PROBE_CANDIDATES_EVERY = 4  # a quarter of the ~500 knowledge candidates: calibrating all costs minutes on 2 cores
-SFT_STEPS = 6  # held-out loss 3.55 -> 2.24 by step 6 in fp32 (1.99 at step 12): enough to move answers and adapters
+SFT_STEPS = 6  # held-out loss 3.55 -> 2.41 in fp32 (12 steps: 1.99): enough to move answers and adapters
 LIVE_PROBE_ITEMS = 16
 
 
